@@ -1,0 +1,174 @@
+"""The ``qwenvl-batch`` command: parse → config → library call → render → exit code.
+
+This is the one place where exceptions become messages and exit codes:
+
+====  ==========================================================================================
+0     the run finished (rows that ended in ``error`` are counted in the summary, not fatal)
+1     the job stopped on a job-level error (bad key, quota, unknown model); re-run to continue
+2     the job file, a flag or the manifest is wrong; nothing was sent
+130   interrupted by Ctrl-C (SIGINT); 143: by SIGTERM. Committed results are kept; re-run to continue
+====  ==========================================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from typing import Sequence
+
+from . import __version__
+from .errors import ConfigError, Interrupted, JobError
+
+EXIT_OK, EXIT_JOB, EXIT_CONFIG = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwenvl-batch",
+        description="Run Qwen-VL (or any OpenAI-compatible vision model) over an image manifest into Parquet.",
+    )
+    parser.add_argument("--version", action="version", version=f"qwenvl-batch {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: retry decisions; -vv: HTTP too")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(commands)
+    _add_simulate(commands)
+    _add_report(commands)
+    return parser
+
+
+def _add_run(commands: argparse._SubParsersAction) -> None:
+    run = commands.add_parser(
+        "run", help="run a job (resumes: rows already done are not sent again)",
+        description="Run a job file. Re-running the same command resumes: rows already 'ok' are not sent again.",
+    )
+    run.add_argument("job", help="job file (TOML), e.g. jobs/caption.toml")
+    run.add_argument("--input", help="manifest (CSV, Parquet or JSONL), relative to the current directory")
+    run.add_argument("--output", help="output folder (Parquet dataset), relative to the current directory")
+    run.add_argument("--model", help="model name, e.g. qwen3-vl-flash")
+    run.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (replaces region)")
+    run.add_argument("--api-key-env", help="environment variable that holds the API key (default DASHSCOPE_API_KEY)")
+    run.add_argument("--concurrency", type=int, help="requests in flight at once")
+    run.add_argument("--rpm", type=float, help="requests-per-minute limit")
+    run.add_argument("--tpm", type=float, help="tokens-per-minute limit (prompt + completion)")
+    run.add_argument("--max-attempts", type=int, help="attempts per row before it is recorded as an error")
+    run.add_argument("--timeout", type=float, help="total seconds allowed for one request attempt")
+    run.add_argument("--limit", type=int, metavar="N", help="only the first N rows of the manifest")
+    run.add_argument("--retry-failed", action="store_true", help="send rows that ended in 'error' again")
+    run.add_argument("--rerun-changed", action="store_true",
+                     help="redo rows whose prompt, model or parameters changed since they were done")
+    run.add_argument("--simulate", action="store_true",
+                     help="answer from the built-in simulator on 127.0.0.1 (no key, no cost, not real answers)")
+    run.add_argument("--progress", choices=["auto", "bar", "lines", "off"],
+                     help="progress display (auto: a bar on a terminal, a line every 10 s otherwise)")
+    run.set_defaults(handler=_cmd_run)
+
+
+def _add_simulate(commands: argparse._SubParsersAction) -> None:
+    sim = commands.add_parser(
+        "simulate", help="start the built-in DashScope-compatible SIMULATOR (for demos, tests, benchmarks)",
+        description="Serve a simulated Model Studio OpenAI-compatible endpoint on 127.0.0.1. Not the real service.",
+    )
+    sim.add_argument("--port", type=int, default=8000, help="port (0: pick a free one)")
+    sim.add_argument("--latency", type=float, default=0.0, help="base latency per request, seconds")
+    sim.add_argument("--latency-dist", choices=["fixed", "uniform", "lognormal"], default="fixed")
+    sim.add_argument("--rpm", type=float, help="enforce a requests-per-minute limit (429 limit_requests)")
+    sim.add_argument("--tpm", type=float, help="enforce a tokens-per-minute limit (429 insufficient_quota)")
+    sim.add_argument("--fail-500-rate", type=float, default=0.0, help="share of requests answered 500")
+    sim.add_argument("--fail-503-rate", type=float, default=0.0, help="share of requests answered 503")
+    sim.add_argument("--drop-rate", type=float, default=0.0, help="share of connections dropped")
+    sim.add_argument("--hang-rate", type=float, default=0.0, help="share of requests never answered")
+    sim.add_argument("--truncate-rate", type=float, default=0.0, help="share of streams cut short")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--request-log", help="append one JSON line per request to this file")
+    sim.set_defaults(handler=_cmd_simulate)
+
+
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    rep = commands.add_parser("report", help="summarise an output folder (works on interrupted runs too)")
+    rep.add_argument("output", help="output folder written by 'run'")
+    rep.add_argument("--format", choices=["text", "markdown", "json", "csv"], default="text")
+    rep.add_argument("--by", metavar="COLUMN", help="group every figure by this manifest column")
+    rep.set_defaults(handler=_cmd_report)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_job
+    from .runner import run_job
+
+    overrides = {name: getattr(args, name) for name in (
+        "input", "output", "model", "base_url", "api_key_env", "concurrency", "rpm", "tpm", "max_attempts",
+        "timeout", "limit", "retry_failed", "rerun_changed", "simulate", "progress")}
+    job = load_job(args.job, overrides)
+    if job.run.simulate:
+        print("qwenvl-batch: --simulate: answers come from the built-in SIMULATOR, not the real service",
+              file=sys.stderr)
+    try:
+        summary = run_job(job)
+    except JobError as exc:
+        _print_summary(exc.summary)
+        print(f"\nqwenvl-batch: stopped: {exc}", file=sys.stderr)
+        print(f"Committed results are kept in {job.output.path}. To continue, fix the cause and run again:\n"
+              f"  {_rerun_command()}", file=sys.stderr)
+        if isinstance(exc, Interrupted):
+            return 128 + exc.signum
+        return EXIT_JOB
+    _print_summary(summary)
+    return EXIT_OK
+
+
+def _print_summary(summary: object | None) -> None:
+    lines = getattr(summary, "lines", None)
+    if lines is not None:
+        print("\n".join(lines()))
+
+
+def _rerun_command() -> str:
+    return " ".join(shlex.quote(part) for part in ["qwenvl-batch", *sys.argv[1:]])
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulator import SimulatorConfig, serve
+
+    config = SimulatorConfig(
+        latency_s=args.latency, latency_dist=args.latency_dist, requests_per_minute=args.rpm,
+        tokens_per_minute=args.tpm, fail_500_rate=args.fail_500_rate, fail_503_rate=args.fail_503_rate,
+        drop_rate=args.drop_rate, hang_rate=args.hang_rate, truncate_rate=args.truncate_rate, seed=args.seed,
+        request_log=args.request_log,
+    )
+    serve(config, port=args.port)
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import render, summarize
+    from .store import load_results
+
+    frame = load_results(args.output)
+    print(render(summarize(frame, by=args.by), args.format))
+    return EXIT_OK
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose < 2:
+        for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "aiohttp.access"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"qwenvl-batch: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `qwenvl-batch report ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK

@@ -1,0 +1,268 @@
+"""Job file (TOML) + CLI overrides → one frozen, validated ``JobConfig``.
+
+Why pydantic: a misspelt key in a job file must be an error, not a silently ignored setting that costs money
+(``max_token = 50`` would otherwise send requests without a cap). ``extra="forbid"`` gives that for free, with
+messages that name the key; ``openai`` already depends on pydantic, so it adds nothing to install.
+
+Paths in a job file are relative to the job file's folder, so a job runs the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+REGION_BASE_URLS: dict[str, str] = {
+    "intl": "https://dashscope-intl.aliyuncs.com/compatible-mode/v1",  # Singapore
+    "us": "https://dashscope-us.aliyuncs.com/compatible-mode/v1",  # Virginia
+    "cn": "https://dashscope.aliyuncs.com/compatible-mode/v1",  # Beijing
+}
+
+SIMULATOR_API_KEY = "sk-simulator"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(_Section):
+    """Where the manifest is and which of its columns matter."""
+
+    path: Path
+    id_column: str = "id"
+    image_columns: tuple[str, ...] = ("image",)
+    format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"
+
+    @field_validator("image_columns", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("image_columns")
+    @classmethod
+    def _not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("list at least one image column")
+        return value
+
+
+class OutputConfig(_Section):
+    """Where results go: a Parquet dataset folder (see store.py for the layout)."""
+
+    path: Path
+
+
+class ModelConfig(_Section):
+    """The endpoint and the sampling parameters: everything that decides what a request asks for."""
+
+    name: str
+    region: Literal["intl", "us", "cn"] | None = None
+    base_url: str | None = None
+    api_key_env: str = "DASHSCOPE_API_KEY"
+    api_key_optional: bool = False
+    stream: bool | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> "ModelConfig":
+        if self.region and self.base_url:
+            raise ValueError("set either region or base_url, not both")
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        """The base URL requests go to (region default: intl, Singapore)."""
+        if self.base_url:
+            return self.base_url.rstrip("/")
+        return REGION_BASE_URLS[self.region or "intl"]
+
+    @property
+    def high_resolution(self) -> bool:
+        """Whether ``vl_high_resolution_images`` is on; it changes the token count per image."""
+        return bool(self.extra_body.get("vl_high_resolution_images", False))
+
+    @property
+    def streams(self) -> bool:
+        """Stream when asked, and always for stream-only models (QVQ, ``*-thinking``) unless told not to."""
+        if self.stream is not None:
+            return self.stream
+        return is_stream_only(self.name) or bool(self.extra_body.get("enable_thinking", False))
+
+
+class PromptConfig(_Section):
+    """Templates filled from the row's columns with ``{column}``; ``{{`` and ``}}`` are literal braces."""
+
+    system: str | None = None
+    user: str = ""
+
+
+class LimitsConfig(_Section):
+    """How hard to push: concurrency, rate limits, retries, timeouts."""
+
+    concurrency: int = Field(default=16, ge=1, le=4096)
+    requests_per_minute: float | None = Field(default=None, gt=0)
+    tokens_per_minute: float | None = Field(default=None, gt=0)
+    max_attempts: int = Field(default=6, ge=1, le=100)
+    max_retry_time_s: float = Field(default=600.0, gt=0)
+    timeout_s: float = Field(default=180.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    stream_idle_timeout_s: float = Field(default=60.0, gt=0)
+    retry_initial_s: float = Field(default=1.0, ge=0)
+    retry_max_s: float = Field(default=60.0, ge=0)
+    grace_s: float = Field(default=10.0, ge=0)
+
+
+class RunOptions(_Section):
+    """Per-invocation choices that are not part of the job's definition."""
+
+    limit: int | None = Field(default=None, ge=1)
+    retry_failed: bool = False
+    rerun_changed: bool = False
+    simulate: bool = False
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+
+
+class JobConfig(_Section):
+    """One validated job: the file's sections plus this run's options."""
+
+    input: InputConfig
+    output: OutputConfig
+    model: ModelConfig
+    prompt: PromptConfig = PromptConfig()
+    limits: LimitsConfig = LimitsConfig()
+    run: RunOptions = RunOptions()
+    job_file: Path | None = None
+
+    def api_key(self) -> str:
+        """The key from the environment; never logged, never written."""
+        if self.run.simulate:
+            return SIMULATOR_API_KEY
+        key = os.environ.get(self.model.api_key_env, "").strip() if self.model.api_key_env else ""
+        if key:
+            return key
+        if self.model.api_key_optional:
+            return "EMPTY"
+        raise ConfigError(
+            f"No API key: set the environment variable {self.model.api_key_env} "
+            f"(export {self.model.api_key_env}=sk-...), or try the job without one using --simulate."
+        )
+
+    @property
+    def endpoint_identity(self) -> str:
+        """What the fingerprint records about where a row was answered (the simulator is not the service)."""
+        return "simulator" if self.run.simulate else self.model.endpoint
+
+
+def is_stream_only(model: str) -> bool:
+    """QVQ and thinking-only models answer only streamed requests (provider doc, 'QVQ supports only streaming')."""
+    name = model.lower()
+    return name.startswith("qvq") or "thinking" in name
+
+
+# CLI flag name -> (section, key); the CLI passes a dict of the flags the user set.
+OVERRIDES: dict[str, tuple[str, str]] = {
+    "input": ("input", "path"),
+    "output": ("output", "path"),
+    "model": ("model", "name"),
+    "base_url": ("model", "base_url"),
+    "api_key_env": ("model", "api_key_env"),
+    "concurrency": ("limits", "concurrency"),
+    "rpm": ("limits", "requests_per_minute"),
+    "tpm": ("limits", "tokens_per_minute"),
+    "max_attempts": ("limits", "max_attempts"),
+    "timeout": ("limits", "timeout_s"),
+    "limit": ("run", "limit"),
+    "retry_failed": ("run", "retry_failed"),
+    "rerun_changed": ("run", "rerun_changed"),
+    "simulate": ("run", "simulate"),
+    "progress": ("run", "progress"),
+}
+
+
+def load_job(path: str | Path, overrides: Mapping[str, Any] | None = None) -> JobConfig:
+    """Read a job file, apply overrides (CLI flags; ``None`` values are ignored) and validate."""
+    job_path = Path(path)
+    try:
+        raw = tomllib.loads(job_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"Job file not found: {job_path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{job_path}: not valid TOML: {exc}") from None
+    return job_from_dict(raw, base_dir=job_path.resolve().parent, overrides=overrides, job_file=job_path)
+
+
+def job_from_dict(
+    raw: Mapping[str, Any],
+    *,
+    base_dir: Path,
+    overrides: Mapping[str, Any] | None = None,
+    job_file: Path | None = None,
+) -> JobConfig:
+    """Build a JobConfig from a dict shaped like the TOML file (handy from a notebook)."""
+    data = {section: dict(values) if isinstance(values, Mapping) else values for section, values in raw.items()}
+    cwd_paths = _apply_overrides(data, overrides or {})
+    if "base_url" in (overrides or {}) and (overrides or {}).get("base_url"):
+        data.setdefault("model", {}).pop("region", None)
+    where = str(job_file) if job_file else "job"
+    try:
+        job = JobConfig.model_validate({**data, "job_file": job_file})
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(where, exc)) from None
+    return _resolve_paths(job, base_dir, cwd_paths)
+
+
+def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> set[str]:
+    """Put CLI values into their sections; returns the path keys given on the command line (relative to cwd)."""
+    cwd_paths: set[str] = set()
+    for flag, value in overrides.items():
+        if value is None or value is False and flag not in ("simulate", "retry_failed", "rerun_changed"):
+            continue
+        if flag not in OVERRIDES:
+            raise ConfigError(f"Unknown override {flag!r}")
+        section, key = OVERRIDES[flag]
+        data.setdefault(section, {})[key] = value
+        if flag in ("input", "output"):
+            cwd_paths.add(flag)
+    return cwd_paths
+
+
+def _resolve_paths(job: JobConfig, base_dir: Path, cwd_paths: set[str]) -> JobConfig:
+    """Job-file paths are relative to the job file; paths given as flags are relative to the working directory."""
+
+    def resolve(path: Path, from_cli: bool) -> Path:
+        if path.is_absolute():
+            return path
+        return (Path.cwd() / path) if from_cli else (base_dir / path)
+
+    return job.model_copy(
+        update={
+            "input": job.input.model_copy(update={"path": resolve(job.input.path, "input" in cwd_paths)}),
+            "output": job.output.model_copy(update={"path": resolve(job.output.path, "output" in cwd_paths)}),
+        }
+    )
+
+
+def _describe_validation_error(where: str, exc: ValidationError) -> str:
+    """One line per problem, naming the key as it is written in the job file."""
+    lines = [f"{where}: invalid job file:"]
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{key}' (check the spelling; see README 'Job file')")
+        elif err["type"] == "missing":
+            lines.append(f"  - missing key '{key}'")
+        else:
+            lines.append(f"  - '{key}': {err['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""Requests-per-minute and tokens-per-minute meters, and the adaptive slow-down on 429s.
+
+"How many at once" is the worker pool (runner.py); "how many per minute" lives here, as separate meters that
+are acquired *before* a request starts. Model Studio enforces its limits per second as well as per minute and
+punishes fast ramp-ups (``limit_burst_rate``), so the meters space requests evenly instead of letting a full
+minute's budget out at once: each one is GCRA-style virtual scheduling (a "theoretical arrival time" that
+advances by ``amount / rate`` per acquisition, with at most ``burst_s`` seconds of credit), see
+https://en.wikipedia.org/wiki/Generic_cell_rate_algorithm. Waiters reserve their slot under a lock and sleep
+until it; nothing polls.
+
+On a 429 the whole runner slows (every worker shares the meters), and recovers gradually once 429s stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+class RateMeter:
+    """Admits ``rate_per_s`` units per second on average, evenly spaced, with ``burst_s`` seconds of credit."""
+
+    def __init__(self, rate_per_s: float | None, *, burst_s: float = 1.0, clock: Clock = time.monotonic) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst_s = burst_s
+        self._clock = clock
+        self._tat = clock()  # theoretical arrival time: when all capacity booked so far is used up
+        self._not_before = float("-inf")  # a server-imposed pause (Retry-After)
+        self._lock = asyncio.Lock()
+
+    def reserve(self, amount: float) -> float:
+        """Book ``amount`` units; returns how long the caller must wait before using them (0: now)."""
+        if not self.rate_per_s:
+            return max(0.0, self._not_before - self._clock())
+        now = self._clock()
+        self._tat = max(self._tat, now) + amount / self.rate_per_s
+        return max(0.0, self._tat - self.burst_s - now, self._not_before - now)
+
+    async def acquire(self, amount: float = 1.0) -> float:
+        """Wait for capacity; returns the seconds waited."""
+        async with self._lock:
+            delay = self.reserve(amount)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return delay
+
+    def adjust(self, amount: float) -> None:
+        """Correct an earlier reservation (estimate vs real usage): positive charges more, negative refunds."""
+        if self.rate_per_s:
+            self._tat += amount / self.rate_per_s
+
+    def pause_until(self, when: float) -> None:
+        """Nobody starts before ``when`` (a server's Retry-After applies to the whole account)."""
+        self._not_before = max(self._not_before, when)
+
+    def set_rate(self, rate_per_s: float | None) -> None:
+        self.rate_per_s = rate_per_s
+
+
+@dataclass
+class AdaptiveState:
+    """What the adaptive controller knows; exposed for progress display and tests."""
+
+    ceiling_rpm: float | None
+    current_rpm: float | None
+    throttled: int = 0
+    last_throttle_at: float = float("-inf")
+
+
+class Limiter:
+    """The runner's admission control: RPM and TPM meters plus slow-start and AIMD on 429s.
+
+    * Slow start: the request rate begins at ``start_fraction`` of the limit and grows to it over ``ramp_s``.
+    * On a 429 (at most once per ``cooldown_s``): the rate drops to ``decrease`` × the rate actually achieved
+      lately, and a ``Retry-After`` pauses every worker, not only the one that got it.
+    * Each ``recover_s`` without a 429, the rate grows by ``increase`` × the ceiling, up to the ceiling.
+    * With no RPM configured, nothing is metered until the first 429; from then on the limiter tracks the limit
+      the server revealed, probing upwards slowly (there is no ceiling to stop at).
+    """
+
+    def __init__(
+        self,
+        *,
+        requests_per_minute: float | None,
+        tokens_per_minute: float | None,
+        clock: Clock = time.monotonic,
+        start_fraction: float = 0.25,
+        ramp_s: float = 20.0,
+        decrease: float = 0.8,
+        increase: float = 0.02,
+        cooldown_s: float = 5.0,
+        recover_s: float = 2.0,
+    ) -> None:
+        self._clock = clock
+        self.requests = RateMeter(None, burst_s=1.0, clock=clock)
+        self.tokens = RateMeter(tokens_per_minute / 60.0 if tokens_per_minute else None, burst_s=1.0, clock=clock)
+        self.state = AdaptiveState(ceiling_rpm=requests_per_minute, current_rpm=None)
+        self._start = clock()
+        self._start_fraction = start_fraction
+        self._ramp_s = ramp_s
+        self._decrease = decrease
+        self._increase = increase
+        self._cooldown_s = cooldown_s
+        self._recover_s = recover_s
+        self._last_increase = self._start
+        self._recent: collections.deque[float] = collections.deque()
+        if requests_per_minute:
+            self._set_rpm(requests_per_minute * start_fraction)
+
+    def _set_rpm(self, rpm: float | None) -> None:
+        self.state.current_rpm = rpm
+        self.requests.set_rate(rpm / 60.0 if rpm else None)
+
+    async def acquire(self, estimated_tokens: int) -> float:
+        """Wait until one request of about ``estimated_tokens`` may start; returns the seconds waited."""
+        self._grow()
+        waited = await self.requests.acquire(1.0)
+        waited += await self.tokens.acquire(float(estimated_tokens))
+        now = self._clock()
+        self._recent.append(now)
+        while self._recent and self._recent[0] < now - 10.0:
+            self._recent.popleft()
+        return waited
+
+    def settle(self, estimated_tokens: int, actual_tokens: int | None) -> None:
+        """Correct the token meter with the usage the provider reported."""
+        if actual_tokens is not None:
+            self.tokens.adjust(float(actual_tokens - estimated_tokens))
+
+    def on_throttle(self, retry_after_s: float | None) -> None:
+        """A 429 came back: slow everyone down (once per cooldown), and honour Retry-After for everyone."""
+        now = self._clock()
+        if retry_after_s:
+            self.requests.pause_until(now + retry_after_s)
+            self.tokens.pause_until(now + retry_after_s)
+        if now - self.state.last_throttle_at < self._cooldown_s:
+            return
+        self.state.last_throttle_at = now
+        self.state.throttled += 1
+        achieved = self.achieved_rpm()
+        base = min(filter(None, (achieved, self.state.current_rpm)), default=None)
+        new_rpm = max(1.0, (base or 60.0) * self._decrease)
+        log.debug("rate limited: request rate %.0f → %.0f /min", self.state.current_rpm or 0, new_rpm)
+        self._set_rpm(new_rpm)
+        self._last_increase = now
+
+    def achieved_rpm(self) -> float | None:
+        """Requests started per minute over the last 10 s (None until there is enough to measure)."""
+        if len(self._recent) < 5:
+            return None
+        span = max(self._clock() - self._recent[0], 1e-3)
+        return len(self._recent) / span * 60.0
+
+    def _grow(self) -> None:
+        """Slow start towards the ceiling, then additive increase after quiet periods."""
+        now = self._clock()
+        ceiling, current = self.state.ceiling_rpm, self.state.current_rpm
+        if current is None:
+            return
+        if self.state.throttled == 0 and ceiling:
+            progress = min(1.0, (now - self._start) / self._ramp_s) if self._ramp_s else 1.0
+            self._set_rpm(ceiling * (self._start_fraction + (1 - self._start_fraction) * progress))
+            return
+        if now - self._last_increase < self._recover_s or now - self.state.last_throttle_at < self._recover_s:
+            return
+        self._last_increase = now
+        step = (ceiling or current) * self._increase
+        self._set_rpm(min(ceiling, current + step) if ceiling else current + step)

@@ -1,0 +1,210 @@
+"""CSV / Parquet / JSONL manifests → streamed record batches.
+
+A manifest may hold 10^7 rows, so it is never loaded whole: every reader yields ``pyarrow.RecordBatch``es of a
+few thousand rows, and the runner reads the file twice (a cheap pass over the ids to check them and plan the
+run, then the dispatch pass). CSV columns are all read as strings, so an id like ``00042`` keeps its zeros and a
+column that looks numeric in the first block cannot change type later.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from .errors import ConfigError
+
+BATCH_ROWS = 4096
+_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """An opened manifest: its path, format and schema; ``batches()`` streams it from the start each call."""
+
+    path: Path
+    format: str
+    schema: pa.Schema
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema.names)
+
+    def batches(self, batch_rows: int = BATCH_ROWS, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """Yield the manifest in order, as record batches of at most ``batch_rows`` rows."""
+        try:
+            yield from _READERS[self.format](self, batch_rows, columns)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{self.path}: cannot read the {self.format.upper()} manifest: {exc}") from None
+
+
+def open_manifest(path: Path, fmt: str = "auto") -> Manifest:
+    """Open a manifest and read its schema (not its rows); errors name the file and the fix."""
+    if not path.exists():
+        raise ConfigError(f"Manifest not found: {path} (set [input] path in the job file, relative to the job file)")
+    if fmt == "auto":
+        fmt = _SUFFIXES.get(path.suffix.lower(), "")
+        if not fmt:
+            raise ConfigError(
+                f"{path}: cannot tell the manifest format from the suffix {path.suffix!r}; "
+                "use .csv, .parquet or .jsonl, or set [input] format"
+            )
+    try:
+        schema = _SCHEMAS[fmt](path)
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"{path}: cannot read the {fmt.upper()} manifest: {exc}") from None
+    return Manifest(path=path, format=fmt, schema=schema)
+
+
+def _csv_header(path: Path) -> list[str]:
+    with path.open("r", encoding="utf-8-sig", newline="") as handle:
+        dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
+        header = next(csv.reader(handle, dialect), None)
+    if not header:
+        raise ConfigError(f"{path}: the CSV manifest is empty (it needs a header row)")
+    return header
+
+
+def _csv_schema(path: Path) -> pa.Schema:
+    return pa.schema([(name, pa.string()) for name in _csv_header(path)])
+
+
+def _parquet_schema(path: Path) -> pa.Schema:
+    return pq.ParquetFile(path).schema_arrow
+
+
+def _jsonl_schema(path: Path) -> pa.Schema:
+    reader = pajson.open_json(path, read_options=pajson.ReadOptions(block_size=1 << 20))
+    return reader.schema
+
+
+def _read_csv(manifest: Manifest, batch_rows: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    delimiter = "\t" if manifest.path.suffix.lower() == ".tsv" else ","
+    reader = pacsv.open_csv(
+        manifest.path,
+        read_options=pacsv.ReadOptions(block_size=1 << 20),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types={name: pa.string() for name in manifest.schema.names},
+            strings_can_be_null=False,
+            include_columns=columns,
+        ),
+    )
+    yield from _rebatch(reader, batch_rows)
+
+
+def _read_parquet(manifest: Manifest, batch_rows: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    yield from pq.ParquetFile(manifest.path).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def _read_jsonl(manifest: Manifest, batch_rows: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    reader = pajson.open_json(
+        manifest.path,
+        read_options=pajson.ReadOptions(block_size=1 << 20),
+        parse_options=pajson.ParseOptions(explicit_schema=manifest.schema, unexpected_field_behavior="error"),
+    )
+    for batch in _rebatch(reader, batch_rows):
+        yield batch.select(columns) if columns else batch
+
+
+def _rebatch(reader: Iterator[pa.RecordBatch], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Readers that work in byte blocks yield uneven batches; cut them to at most ``batch_rows``."""
+    for batch in reader:
+        for start in range(0, batch.num_rows, batch_rows):
+            yield batch.slice(start, batch_rows)
+
+
+_SCHEMAS = {"csv": _csv_schema, "parquet": _parquet_schema, "jsonl": _jsonl_schema}
+_READERS = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl}
+
+
+def id_strings(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An id column as an object array of ``str`` (ids of any type are compared as text); nulls stay None."""
+    as_text = column.cast(pa.string()) if column.type != pa.string() else column
+    return as_text.to_numpy(zero_copy_only=False)
+
+
+def hash_ids(ids: np.ndarray) -> np.ndarray:
+    """64-bit hashes of ids (pandas' vectorised SipHash): compact enough to keep 10^7 of them in memory."""
+    if len(ids) == 0:
+        return np.empty(0, dtype=np.uint64)
+    return pd.util.hash_array(ids.astype(object), categorize=False)
+
+
+@dataclass(frozen=True)
+class IdCheck:
+    """What the id pass found: the row count and the problems that stop a run before it starts."""
+
+    rows: int
+    empty_rows: list[int]
+    duplicates: list[str]
+
+
+class IdTracker:
+    """Accumulates id hashes batch by batch (8 bytes per row) to find empty and duplicate ids in one pass."""
+
+    def __init__(self, sample: int = 5) -> None:
+        self.rows = 0
+        self.sample = sample
+        self.empty_rows: list[int] = []
+        self._hashes: list[np.ndarray] = []
+
+    def add(self, ids: np.ndarray) -> np.ndarray:
+        """Record one batch of id strings; returns their hashes for the caller's own lookups."""
+        if len(self.empty_rows) < self.sample:
+            bad = [self.rows + i for i, value in enumerate(ids) if value is None or not str(value).strip()]
+            self.empty_rows.extend(bad[: self.sample - len(self.empty_rows)])
+        hashes = hash_ids(ids)
+        self._hashes.append(hashes)
+        self.rows += len(ids)
+        return hashes
+
+    def result(self, manifest: Manifest, id_column: str, limit: int | None) -> IdCheck:
+        all_hashes = np.concatenate(self._hashes) if self._hashes else np.empty(0, dtype=np.uint64)
+        dup_hashes = _repeated(all_hashes)
+        duplicates = _names_of(manifest, id_column, dup_hashes, limit, self.sample) if len(dup_hashes) else []
+        return IdCheck(rows=self.rows, empty_rows=self.empty_rows, duplicates=duplicates)
+
+
+def limited_batches(manifest: Manifest, limit: int | None, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """The manifest's batches, cut after ``limit`` rows (``--limit N``: the first N rows only)."""
+    rows = 0
+    for batch in manifest.batches(columns=columns):
+        if limit is not None:
+            if rows >= limit:
+                return
+            batch = batch.slice(0, limit - rows)
+        rows += batch.num_rows
+        yield batch
+
+
+def check_ids(manifest: Manifest, id_column: str, limit: int | None = None) -> IdCheck:
+    """Count rows and find empty or duplicate ids without loading the manifest."""
+    tracker = IdTracker()
+    for batch in limited_batches(manifest, limit, [id_column]):
+        tracker.add(id_strings(batch.column(0)))
+    return tracker.result(manifest, id_column, limit)
+
+
+def _repeated(hashes: np.ndarray) -> np.ndarray:
+    ordered = np.sort(hashes)
+    return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+
+
+def _names_of(manifest: Manifest, id_column: str, wanted: np.ndarray, limit: int | None, sample: int) -> list[str]:
+    """Second, rare pass: the id strings behind duplicate hashes, confirmed by comparing the strings."""
+    seen: dict[str, int] = {}
+    for batch in limited_batches(manifest, limit, [id_column]):
+        ids = id_strings(batch.column(0))
+        for value, hit in zip(ids, np.isin(hash_ids(ids), wanted)):
+            if hit:
+                seen[value] = seen.get(value, 0) + 1
+    return [value for value, count in seen.items() if count > 1][:sample]

@@ -1,0 +1,156 @@
+"""Templates + a manifest row → what one request asks for, and the fingerprint that identifies it.
+
+The fingerprint is what makes resume honest: it hashes everything that decides the answer (model, endpoint,
+sampling parameters, the rendered prompt, the image references), so a re-run after the prompt or
+``max_tokens`` was edited can tell which finished rows were produced by different settings instead of silently
+keeping or silently redoing them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .config import JobConfig
+from .errors import ConfigError, InputRowError
+from .media import ImageRef, PreparedImage, parse_image_cell
+
+_FORMATTER = string.Formatter()
+
+
+def template_fields(template: str | None) -> set[str]:
+    """Column names a template refers to (``{name}``, ``{name!r}``, ``{name:>10}``)."""
+    if not template:
+        return set()
+    try:
+        parsed = list(_FORMATTER.parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"Prompt template is malformed ({exc}); write literal braces as {{{{ and }}}}") from None
+    fields = set()
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise ConfigError("Prompt templates take column names in braces, like {caption_hint}; '{}' has none")
+        fields.add(name.split(".")[0].split("[")[0])
+    return fields
+
+
+def _cell_text(value: Any) -> str:
+    """Manifest values as prompt text: nulls (and NaN) become empty strings, not 'None'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+@dataclass(frozen=True)
+class RenderedRow:
+    """One row, ready to send except for the image bytes (loaded later, in a worker thread)."""
+
+    key: str
+    system: str | None
+    user: str
+    images: tuple[ImageRef, ...]
+    fingerprint: str
+    error: InputRowError | None = None
+
+
+class RowRenderer:
+    """Renders rows for one job; checks the templates against the manifest's columns once, up front."""
+
+    def __init__(self, job: JobConfig, columns: Iterable[str], base_dir: Path) -> None:
+        self.job = job
+        self.base_dir = base_dir
+        self._check_columns(set(columns))
+        self._prefix = hashlib.blake2b(_job_identity(job).encode(), digest_size=16).digest()
+
+    def _check_columns(self, columns: set[str]) -> None:
+        where = f"{self.job.job_file or 'job'} [prompt]"
+        for name, template in (("system", self.job.prompt.system), ("user", self.job.prompt.user)):
+            missing = sorted(template_fields(template) - columns)
+            if missing:
+                raise ConfigError(
+                    f"{where} {name} template uses {', '.join('{' + m + '}' for m in missing)}, but the manifest "
+                    f"{self.job.input.path} has no such column (columns: {', '.join(sorted(columns))})"
+                )
+
+    def render(self, row: Mapping[str, Any]) -> RenderedRow:
+        """Fill the templates and parse the image cells; an empty image cell is an input error, not an exception."""
+        key = _cell_text(row[self.job.input.id_column])
+        values = {name: _cell_text(value) for name, value in row.items()}
+        system = self.job.prompt.system.format_map(values) if self.job.prompt.system else None
+        user = self.job.prompt.user.format_map(values)
+        refs: list[ImageRef] = []
+        error: InputRowError | None = None
+        for column in self.job.input.image_columns:
+            try:
+                cell_refs = parse_image_cell(row.get(column), column=column, base_dir=self.base_dir)
+            except InputRowError as exc:
+                error = error or exc
+                continue
+            refs.extend(cell_refs)
+        if not refs and error is None:
+            columns = ", ".join(repr(c) for c in self.job.input.image_columns)
+            error = InputRowError(f"row {key!r}: no image: the image column {columns} is empty; add an image reference")
+        return RenderedRow(
+            key=key,
+            system=system,
+            user=user,
+            images=tuple(refs),
+            fingerprint=self._fingerprint(system, user, refs),
+            error=error,
+        )
+
+    def _fingerprint(self, system: str | None, user: str, refs: list[ImageRef]) -> str:
+        digest = hashlib.blake2b(self._prefix, digest_size=8)
+        for part in (system or "", user, *(ref.identity() for ref in refs)):
+            digest.update(part.encode("utf-8", "surrogatepass"))
+            digest.update(b"\x00")
+        return digest.hexdigest()
+
+
+def _job_identity(job: JobConfig) -> str:
+    """The job-wide part of every fingerprint: what the provider sees besides the row itself."""
+    model = job.model
+    extra = {k: v for k, v in model.extra_body.items() if k not in ("stream", "stream_options")}
+    return json.dumps(
+        {
+            "model": model.name,
+            "endpoint": job.endpoint_identity,
+            "temperature": model.temperature,
+            "top_p": model.top_p,
+            "max_tokens": model.max_tokens,
+            "seed": model.seed,
+            "min_pixels": model.min_pixels,
+            "max_pixels": model.max_pixels,
+            "extra_body": extra,
+        },
+        sort_keys=True,
+        default=str,
+    )
+
+
+def build_messages(
+    rendered: RenderedRow, images: list[PreparedImage], *, min_pixels: int | None, max_pixels: int | None
+) -> list[dict[str, Any]]:
+    """OpenAI-style messages: images first, then the text; pixel bounds are siblings of ``image_url`` (DashScope)."""
+    content: list[dict[str, Any]] = []
+    for image in images:
+        part: dict[str, Any] = {"type": "image_url", "image_url": {"url": image.url}}
+        if min_pixels is not None:
+            part["min_pixels"] = min_pixels
+        if max_pixels is not None:
+            part["max_pixels"] = max_pixels
+        content.append(part)
+    if rendered.user:
+        content.append({"type": "text", "text": rendered.user})
+    messages: list[dict[str, Any]] = []
+    if rendered.system:
+        messages.append({"role": "system", "content": rendered.system})
+    messages.append({"role": "user", "content": content})
+    return messages

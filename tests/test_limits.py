@@ -1,0 +1,89 @@
+"""Rate meters and the adaptive limiter, driven by a fake clock (no sleeps)."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwenvl_batch.limits import Limiter, RateMeter
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_meter_spaces_requests_evenly_after_the_burst_credit() -> None:
+    """At 10/s with 1 s of credit, 10 start at once, then one every 0.1 s."""
+    clock = FakeClock()
+    meter = RateMeter(10.0, burst_s=1.0, clock=clock)
+    clock.now += 5  # idle time does not accumulate more than burst_s of credit
+    waits = [meter.reserve(1) for _ in range(15)]
+    assert waits[:10] == pytest.approx([0.0] * 10, abs=1e-9)
+    assert waits[10:] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+
+
+def test_meter_weighted_by_tokens_and_corrected_by_usage() -> None:
+    """A token meter charges the estimate, and a refund of unused estimate lets the next request in sooner."""
+    clock = FakeClock()
+    meter = RateMeter(1000.0, burst_s=1.0, clock=clock)
+    assert meter.reserve(1000) == 0.0
+    assert meter.reserve(500) == pytest.approx(0.5)
+    meter.adjust(-500)  # the second request used 500 fewer tokens than estimated
+    assert meter.reserve(500) == pytest.approx(0.5)
+
+
+def test_pause_until_holds_everyone() -> None:
+    """A Retry-After pause applies to the next request whoever makes it."""
+    clock = FakeClock()
+    meter = RateMeter(100.0, clock=clock)
+    meter.pause_until(clock.now + 3.0)
+    assert meter.reserve(1) == pytest.approx(3.0)
+
+
+def test_slow_start_ramps_to_the_configured_rate() -> None:
+    """The request rate starts at a quarter of the limit and reaches it after the ramp."""
+    clock = FakeClock()
+    limiter = Limiter(requests_per_minute=1200, tokens_per_minute=None, clock=clock, ramp_s=20.0)
+    limiter._grow()
+    assert limiter.state.current_rpm == pytest.approx(300)
+    clock.now += 10
+    limiter._grow()
+    assert limiter.state.current_rpm == pytest.approx(750)
+    clock.now += 30
+    limiter._grow()
+    assert limiter.state.current_rpm == pytest.approx(1200)
+
+
+def test_throttle_cuts_the_rate_once_per_cooldown_then_recovers() -> None:
+    """A burst of 429s lowers the rate once; quiet periods raise it back towards the ceiling."""
+    clock = FakeClock()
+    limiter = Limiter(requests_per_minute=600, tokens_per_minute=None, clock=clock, ramp_s=0.0,
+                      decrease=0.5, increase=0.1, cooldown_s=5.0, recover_s=2.0)
+    limiter._grow()
+    assert limiter.state.current_rpm == 600
+    limiter.on_throttle(None)
+    limiter.on_throttle(None)  # same cooldown window: no second cut
+    assert limiter.state.current_rpm == pytest.approx(300)
+    assert limiter.state.throttled == 1
+    for _ in range(10):
+        clock.now += 2.1
+        limiter._grow()
+    assert limiter.state.current_rpm == pytest.approx(600)
+
+
+def test_unlimited_runner_learns_the_limit_from_429s() -> None:
+    """With no RPM configured, nothing is metered until a 429; then the rate follows what was achieved."""
+    clock = FakeClock()
+    limiter = Limiter(requests_per_minute=None, tokens_per_minute=None, clock=clock, decrease=0.8)
+    assert limiter.requests.reserve(1) == 0.0
+    for _ in range(100):  # 100 requests over 5 s = 1200/min
+        limiter._recent.append(clock.now)
+        clock.now += 0.05
+    limiter.on_throttle(None)
+    assert limiter.state.current_rpm == pytest.approx(1200 * 0.8, rel=0.02)
+    clock.now += 2.5
+    limiter._grow()
+    assert limiter.state.current_rpm > 1200 * 0.8
