@@ -480,8 +480,11 @@ class _Workers:
         price = self.run.price
         if price is None or completion.prompt_tokens is None or completion.completion_tokens is None:
             return {}
-        cost = row_cost(price, prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
-                        cached_tokens=completion.cached_tokens or 0)
+        try:
+            cost = row_cost(price, prompt_tokens=completion.prompt_tokens,
+                            completion_tokens=completion.completion_tokens, cached_tokens=completion.cached_tokens or 0)
+        except ValueError:  # a prompt above the last priced tier: no price known, like an unknown model
+            return {}
         return {"input_cost": cost.input_cost, "output_cost": cost.output_cost, "cost": cost.cost,
                 "currency": cost.currency}
 
