@@ -116,10 +116,11 @@ class ChatClient:
                         content.append(delta.content or "")
                         reasoning.append(_extra(delta, "reasoning_content") or "")
                     finish_reason = choice.finish_reason or finish_reason
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, openai.APITimeoutError):
             raise openai.APITimeoutError(request=raw.http_request) from None
-        except httpx.TransportError as exc:
-            raise StreamCutError(f"the stream broke off: {type(exc).__name__}") from None
+        except (httpx.TransportError, openai.APIConnectionError) as exc:  # newer SDKs wrap the transport error
+            cause = exc.__cause__ or exc
+            raise StreamCutError(f"the stream broke off: {type(cause).__name__}: {cause}") from None
         finally:
             await stream.close()
         if finish_reason is None:

@@ -1,0 +1,83 @@
+"""Shared fixtures: a real simulator on 127.0.0.1 and small jobs with real image files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from qwenvl_batch.config import JobConfig, job_from_dict
+from qwenvl_batch.simulator import SimulatorConfig, SimulatorThread
+
+# Unexpected exceptions should crash tests rather than become friendly messages.
+sys._called_from_test = True  # type: ignore[attr-defined]
+
+FAST_LIMITS = {"concurrency": 8, "max_attempts": 4, "retry_initial_s": 0.01, "retry_max_s": 0.05,
+               "timeout_s": 10.0, "grace_s": 2.0}
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatorThread]:
+    """A fresh, fault-free simulator per test."""
+    with SimulatorThread(SimulatorConfig()) as server:
+        yield server
+
+
+def write_image(path: Path, size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 80, 40),
+                fmt: str = "JPEG") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, fmt)
+    return path
+
+
+def write_manifest(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """CSV, Parquet or JSONL by suffix."""
+    frame = pd.DataFrame(rows)
+    if path.suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif path.suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def image_rows(folder: Path, n: int, prefix: str = "row") -> list[dict[str, Any]]:
+    """n rows, each with its own small image (different sizes, so different token counts)."""
+    rows = []
+    for i in range(n):
+        image = write_image(folder / "img" / f"{prefix}{i}.jpg", size=(40 + i % 7 * 30, 30 + i % 5 * 20),
+                            color=(i * 37 % 255, 90, 150))
+        rows.append({"id": f"{prefix}-{i:04d}", "image": f"img/{image.name}", "note": f"note {i}"})
+    return rows
+
+
+@pytest.fixture
+def make_job(tmp_path: Path, sim: SimulatorThread) -> Callable[..., JobConfig]:
+    """Build a job over a manifest in tmp_path that talks to the test's simulator."""
+
+    def build(manifest: Path, *, model: dict[str, Any] | None = None, limits: dict[str, Any] | None = None,
+              prompt: dict[str, Any] | None = None, run: dict[str, Any] | None = None,
+              image_columns: list[str] | None = None, output: Path | None = None) -> JobConfig:
+        raw = {
+            "input": {"path": str(manifest), "id_column": "id", "image_columns": image_columns or ["image"]},
+            "output": {"path": str(output or tmp_path / "out" / "result.parquet")},
+            "model": {"name": "qwen3-vl-flash", "base_url": sim.base_url, "api_key_optional": True,
+                      "api_key_env": "QWENVL_TEST_KEY", **(model or {})},
+            "prompt": {"user": "Describe row {id}.", **(prompt or {})},
+            "limits": {**FAST_LIMITS, **(limits or {})},
+            "run": {"progress": "off", **(run or {})},
+        }
+        return job_from_dict(raw, base_dir=tmp_path)
+
+    return build
+
+
+def ok_requests_for(sim: SimulatorThread, key: str) -> int:
+    """How many successful requests carried this row's id in their text (prompts are 'Describe row {id}.')."""
+    return sum(1 for r in sim.requests if r["outcome"] == "ok" and f"row {key}." in r["text"])
