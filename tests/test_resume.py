@@ -1,0 +1,121 @@
+"""Crash safety: kill -9 or Ctrl-C a real run mid-way, re-run, and check nothing committed is paid twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from qwenvl_batch import load_job, load_results, run_job
+from qwenvl_batch.simulator import SimulatorConfig, SimulatorThread
+
+from conftest import image_rows, ok_requests_for, write_manifest
+
+ROWS = 120
+
+
+def _write_job(tmp_path: Path, base_url: str) -> Path:
+    write_manifest(tmp_path / "m.csv", image_rows(tmp_path, ROWS))
+    job = tmp_path / "job.toml"
+    job.write_text(f"""
+[input]
+path = "m.csv"
+image_columns = ["image"]
+[output]
+path = "out.parquet"
+[model]
+name = "qwen3-vl-flash"
+base_url = "{base_url}"
+api_key_optional = true
+api_key_env = "QWENVL_TEST_KEY"
+[prompt]
+user = "Describe row {{id}}."
+[limits]
+concurrency = 4
+retry_initial_s = 0.01
+grace_s = 5
+""")
+    return job
+
+
+def _start(job: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "qwenvl_batch", "run", str(job), "--progress", "lines"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=job.parent,
+    )
+
+
+def _wait_for_requests(sim: SimulatorThread, proc: subprocess.Popen[str], n: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(sim.requests) < n:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "runner exited early"
+        assert time.monotonic() < deadline, "the runner did not send requests in time"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def slow_sim():
+    """A simulator slow enough (50 ms a request) that a run can be killed mid-way."""
+    with SimulatorThread(SimulatorConfig(latency_s=0.05)) as server:
+        yield server
+
+
+def test_kill_9_mid_run_then_resume_pays_nothing_twice(tmp_path: Path, slow_sim: SimulatorThread) -> None:
+    """After kill -9, committed rows survive; the re-run sends only the rest and ends with one row per id."""
+    job_path = _write_job(tmp_path, slow_sim.base_url)
+    proc = _start(job_path)
+    _wait_for_requests(slow_sim, proc, 40)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    committed = load_results(tmp_path / "out.parquet")
+    committed_ok = set(committed.loc[committed["status"] == "ok", "id"])
+    assert len(committed_ok) >= 30  # what the runner had received was durable at the kill
+    assert len(committed) < ROWS
+
+    summary = run_job(load_job(job_path))
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert len(out) == ROWS and out["id"].is_unique and (out["status"] == "ok").all()
+    assert summary.skipped_ok == len(committed_ok)
+    for key in committed_ok:  # never paid twice for a committed row
+        assert ok_requests_for(slow_sim, key) == 1, key
+    # rows in flight at the kill may have been sent twice; nothing else was
+    twice = [k for k in out["id"] if ok_requests_for(slow_sim, k) > 1]
+    assert len(twice) <= 4 + 1  # concurrency (+ one being written)
+
+
+def test_ctrl_c_commits_and_says_how_to_resume(tmp_path: Path, slow_sim: SimulatorThread) -> None:
+    """SIGINT stops dispatching, commits, exits 130 with a resume hint; a re-run finishes the job."""
+    job_path = _write_job(tmp_path, slow_sim.base_url)
+    proc = _start(job_path)
+    _wait_for_requests(slow_sim, proc, 30)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, output
+    assert "Interrupted (SIGINT)" in output and "To continue" in output
+    done = pd.read_parquet(tmp_path / "out.parquet")  # folded into parts on the way out
+    assert 0 < len(done) < ROWS
+    sent_before = len(slow_sim.requests)
+    assert sent_before - len(done) <= 4  # in-flight requests got their grace period and were committed
+
+    run_job(load_job(job_path))
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert len(out) == ROWS and out["id"].is_unique
+    for key in done["id"]:
+        assert ok_requests_for(slow_sim, key) == 1
+
+
+def test_sigterm_exits_143(tmp_path: Path, slow_sim: SimulatorThread) -> None:
+    """SIGTERM (a scheduler stopping the job) is a clean stop too, exit code 143."""
+    job_path = _write_job(tmp_path, slow_sim.base_url)
+    proc = _start(job_path)
+    _wait_for_requests(slow_sim, proc, 10)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 143, output
+    assert os.path.isdir(tmp_path / "out.parquet")
