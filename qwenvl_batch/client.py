@@ -16,6 +16,7 @@ from typing import Any
 
 import openai
 
+from . import tokens
 from .config import JobConfig
 from .policy import InvalidResponseError, PartialResponseError, StreamCutError
 
@@ -162,10 +163,8 @@ def _completion(*, content: str, reasoning: str | None, finish_reason: str | Non
     completion_details = _extra(usage, "completion_tokens_details") if usage else None
     completion_tokens = getattr(usage, "completion_tokens", None) if usage else None
     reasoning_tokens = _detail(completion_details, "reasoning_tokens")
-    if reasoning_tokens is None and reasoning:
-        text_tokens = _detail(completion_details, "text_tokens")
-        if completion_tokens is not None and text_tokens is not None:
-            reasoning_tokens = completion_tokens - text_tokens
+    if reasoning_tokens is None and reasoning and completion_tokens is not None:
+        reasoning_tokens = _reasoning_tokens(reasoning, completion_tokens, _detail(completion_details, "text_tokens"))
     return Completion(
         content=content,
         reasoning=reasoning,
@@ -179,6 +178,17 @@ def _completion(*, content: str, reasoning: str | None, finish_reason: str | Non
         image_tokens=_detail(prompt_details, "image_tokens"),
         request_id=request_id,
     )
+
+
+def _reasoning_tokens(reasoning: str, completion_tokens: int, text_tokens: int | None) -> int:
+    """The API sometimes sends ``reasoning_tokens: null`` (reference §6.4): derive it, since thinking is billed.
+
+    ``completion_tokens`` includes the thinking, so with ``text_tokens`` the difference is exact; without it,
+    approximate from the reasoning text (never more than the completion itself).
+    """
+    if text_tokens is not None:
+        return max(completion_tokens - text_tokens, 0)
+    return min(tokens.text_tokens(reasoning), completion_tokens)
 
 
 def _detail(details: Any, name: str) -> int | None:
