@@ -1,0 +1,141 @@
+"""Failure handling over loopback: odd responses, hangs, thinking models, and a run under mixed faults."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from qwenvl_batch import run_job
+from qwenvl_batch.simulator import SimulatorConfig, SimulatorThread
+
+from conftest import image_rows, write_manifest
+
+MARKED = {"user": "Describe row {id}. {note}"}
+
+
+def _marked_job(tmp_path: Path, make_job, markers: list[str], **kwargs):
+    rows = image_rows(tmp_path, len(markers))
+    for row, marker in zip(rows, markers):
+        row["note"] = marker
+    return make_job(write_manifest(tmp_path / "m.csv", rows), prompt=MARKED, **kwargs)
+
+
+def _by_id(job) -> pd.DataFrame:
+    return pd.read_parquet(job.output.path).set_index("id").sort_index()
+
+
+def test_partial_response_is_not_a_success(tmp_path: Path, sim, make_job) -> None:
+    """A 200 flagged x-dashscope-partialresponse is retried, and the complete answer is kept."""
+    job = _marked_job(tmp_path, make_job, ["[[sim:partial:1]]"])
+    summary = run_job(job)
+    out = _by_id(job)
+    assert out["status"].tolist() == ["ok"] and out["attempts"].tolist() == [2]
+    assert summary.retries == {"partial_response": 1}
+
+
+def test_body_that_is_not_a_completion_is_retried(tmp_path: Path, sim, make_job) -> None:
+    """A 200 whose body is not a chat completion is retried, not recorded as an empty answer."""
+    job = _marked_job(tmp_path, make_job, ["[[sim:garbage:2]]"])
+    summary = run_job(job)
+    out = _by_id(job)
+    assert out["status"].tolist() == ["ok"] and out["attempts"].tolist() == [3]
+    assert out["response"].iloc[0].startswith("Simulated")
+    assert summary.retries == {"invalid_response": 2}
+
+
+def test_hung_request_is_cancelled_and_retried(tmp_path: Path, sim, make_job) -> None:
+    """A request that never answers is cut at the timeout and retried; the row ends ok."""
+    job = _marked_job(tmp_path, make_job, ["[[sim:hang:1]]", ""], limits={"timeout_s": 0.5})
+    summary = run_job(job)
+    out = _by_id(job)
+    assert (out["status"] == "ok").all()
+    assert out["attempts"].tolist() == [2, 1]
+    assert summary.retries == {"timeout": 1}
+
+
+def test_hung_stream_hits_the_idle_timeout(tmp_path: Path, make_job) -> None:
+    """A stream whose chunks stop coming is cut by the idle timeout, well before the total timeout."""
+    config = SimulatorConfig(stream_chunk_delay_s=0.0)
+    with SimulatorThread(config) as slow:
+        rows = image_rows(tmp_path, 1)
+        rows[0]["note"] = "[[sim:hang:1]]"
+        job = make_job(write_manifest(tmp_path / "m.csv", rows), prompt=MARKED,
+                       model={"stream": True, "base_url": slow.base_url},
+                       limits={"timeout_s": 30, "stream_idle_timeout_s": 0.5})
+        summary = run_job(job)
+    assert summary.ok == 1 and summary.wall_s < 10
+    assert summary.retries == {"timeout": 1}
+
+
+def test_media_download_timeout_retried_a_few_times_then_recorded(tmp_path: Path, sim, make_job) -> None:
+    """'Download the media resource timed out' gets 3 attempts, then becomes a row error."""
+    job = _marked_job(tmp_path, make_job, ["[[sim:timeout_media]]"], limits={"max_attempts": 8})
+    run_job(job)
+    out = _by_id(job)
+    assert out["status"].tolist() == ["error"] and out["attempts"].tolist() == [3]
+    assert "Download the media resource timed out" in out["error_message"].iloc[0]
+
+
+def test_context_too_long_is_a_row_error(tmp_path: Path, sim, make_job) -> None:
+    """'Range of input length' is recorded on its row after one attempt."""
+    job = _marked_job(tmp_path, make_job, ["[[sim:toolong]]", ""])
+    run_job(job)
+    out = _by_id(job)
+    assert out["status"].tolist() == ["error", "ok"]
+    assert out["attempts"].iloc[0] == 1 and "Range of input length" in out["error_message"].iloc[0]
+
+
+def test_stream_only_model_is_streamed_automatically(tmp_path: Path, sim, make_job) -> None:
+    """A QVQ model is streamed without being told; its reasoning goes to `reasoning`, the answer to `response`."""
+    job = make_job(write_manifest(tmp_path / "m.csv", image_rows(tmp_path, 2)), model={"name": "qvq-max"})
+    run_job(job)
+    out = _by_id(job)
+    assert (out["status"] == "ok").all()
+    assert out["reasoning"].str.len().gt(0).all()
+    assert out["response"].str.contains("Describe row").all()
+    assert (out["reasoning_tokens"] > 0).all()
+    assert (out["completion_tokens"] > out["reasoning_tokens"]).all()
+    assert all(r["stream"] for r in sim.requests)
+
+
+def test_enable_thinking_is_passed_through(tmp_path: Path, sim, make_job) -> None:
+    """extra_body enable_thinking / thinking_budget reach the model, and thinking jobs stream."""
+    job = make_job(write_manifest(tmp_path / "m.csv", image_rows(tmp_path, 1)),
+                   model={"name": "qwen3-vl-plus", "extra_body": {"enable_thinking": True, "thinking_budget": 8}})
+    run_job(job)
+    out = _by_id(job)
+    assert out["status"].tolist() == ["ok"]
+    assert out["reasoning_tokens"].iloc[0] == 8
+
+
+def test_null_reasoning_tokens_are_derived(tmp_path: Path, make_job) -> None:
+    """When the provider sends reasoning_tokens: null, the runner derives it instead of leaving it empty."""
+    with SimulatorThread(SimulatorConfig(reasoning_tokens_null=True)) as server:
+        job = make_job(write_manifest(tmp_path / "m.csv", image_rows(tmp_path, 2)),
+                       model={"name": "qvq-max", "base_url": server.base_url})
+        run_job(job)
+    out = _by_id(job)
+    assert (out["reasoning_tokens"] > 0).all()
+    assert (out["reasoning_tokens"] < out["completion_tokens"]).all()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_run_under_mixed_faults_ends_all_ok_and_pays_once(tmp_path: Path, make_job, stream: bool) -> None:
+    """10% 5xx, 5% dropped connections, 2% hangs, 5% cut streams: every row ends ok, none paid twice."""
+    config = SimulatorConfig(fail_500_rate=0.05, fail_503_rate=0.05, drop_rate=0.05, hang_rate=0.02,
+                             truncate_rate=0.05 if stream else 0.0, seed=7, hang_s=30)
+    with SimulatorThread(config) as server:
+        job = make_job(write_manifest(tmp_path / "m.csv", image_rows(tmp_path, 200)),
+                       model={"base_url": server.base_url, "stream": stream},
+                       limits={"concurrency": 16, "max_attempts": 12, "timeout_s": 0.5,
+                               "stream_idle_timeout_s": 0.5})
+        summary = run_job(job)
+        log = server.requests
+    out = pd.read_parquet(job.output.path)
+    assert len(out) == 200 and out["id"].is_unique and (out["status"] == "ok").all()
+    served_ok = Counter(r["text"] for r in log if r["outcome"] == "ok")
+    assert max(served_ok.values()) == 1 and len(served_ok) == 200
+    assert summary.retries and sum(summary.retries.values()) == len(log) - 200
