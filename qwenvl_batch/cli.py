@@ -73,7 +73,9 @@ def _add_simulate(commands: argparse._SubParsersAction) -> None:
     )
     sim.add_argument("--port", type=int, default=8000, help="port (0: pick a free one)")
     sim.add_argument("--latency", type=float, default=0.0, help="base latency per request, seconds")
-    sim.add_argument("--latency-dist", choices=["fixed", "uniform", "lognormal"], default="fixed")
+    sim.add_argument("--latency-dist", choices=["fixed", "uniform", "lognormal"], default="fixed",
+                     help="lognormal: heavy-tailed around --latency, like the real service")
+    sim.add_argument("--latency-max", type=float, default=60.0, help="cap on one request's latency, seconds")
     sim.add_argument("--rpm", type=float, help="enforce a requests-per-minute limit (429 limit_requests)")
     sim.add_argument("--tpm", type=float, help="enforce a tokens-per-minute limit (429 insufficient_quota)")
     sim.add_argument("--fail-500-rate", type=float, default=0.0, help="share of requests answered 500")
@@ -133,7 +135,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from .simulator import SimulatorConfig, serve
 
     config = SimulatorConfig(
-        latency_s=args.latency, latency_dist=args.latency_dist, requests_per_minute=args.rpm,
+        latency_s=args.latency, latency_dist=args.latency_dist, latency_max_s=args.latency_max,
+        requests_per_minute=args.rpm,
         tokens_per_minute=args.tpm, fail_500_rate=args.fail_500_rate, fail_503_rate=args.fail_503_rate,
         drop_rate=args.drop_rate, hang_rate=args.hang_rate, truncate_rate=args.truncate_rate, seed=args.seed,
         request_log=args.request_log,

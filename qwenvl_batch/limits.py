@@ -5,8 +5,8 @@ are acquired *before* a request starts. Model Studio enforces its limits per sec
 punishes fast ramp-ups (``limit_burst_rate``), so the meters space requests evenly instead of letting a full
 minute's budget out at once: each one is GCRA-style virtual scheduling (a "theoretical arrival time" that
 advances by ``amount / rate`` per acquisition, with at most ``burst_s`` seconds of credit), see
-https://en.wikipedia.org/wiki/Generic_cell_rate_algorithm. Waiters reserve their slot under a lock and sleep
-until it; nothing polls.
+https://en.wikipedia.org/wiki/Generic_cell_rate_algorithm. Waiters queue on a lock; the first one sleeps
+until its slot; nothing polls.
 
 On a 429 the whole runner slows (every worker shares the meters), and recovers gradually once 429s stop.
 """
@@ -45,11 +45,16 @@ class RateMeter:
         return max(0.0, self._tat - self.burst_s - now, self._not_before - now)
 
     async def acquire(self, amount: float = 1.0) -> float:
-        """Wait for capacity; returns the seconds waited."""
+        """Wait for capacity; returns the seconds waited.
+
+        Waiters queue on a FIFO lock and only the head of the queue books a slot and sleeps until it. Booking
+        every waiter's slot at once would fix hundreds of future start times at today's rate, so a rate change
+        (slow-start ramp, a 429) would only take effect minutes later.
+        """
         async with self._lock:
             delay = self.reserve(amount)
-        if delay > 0:
-            await asyncio.sleep(delay)
+            if delay > 0:
+                await asyncio.sleep(delay)
         return delay
 
     def adjust(self, amount: float) -> None:

@@ -1,0 +1,80 @@
+"""Shared plumbing for the benchmarks: a simulator in its own process, synthetic manifests, CPU and RSS readings."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def simulator(*args: str, log: Path | None = None) -> Iterator[str]:
+    """Start `qwenvl-batch simulate` in a separate process (so its CPU is not the runner's); yields the base URL."""
+    cmd = [sys.executable, "-m", "qwenvl_batch", "simulate", "--port", "0", *args]
+    if log is not None:
+        cmd += ["--request-log", str(log)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        match = re.search(r"(http://127\.0\.0\.1:\d+/\S+)", line)
+        if not match:
+            raise RuntimeError(f"the simulator did not start: {line!r}")
+        yield match.group(1)
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def synthetic_images(folder: Path, count: int, size: tuple[int, int] = (320, 240)) -> list[str]:
+    """A few real JPEG files that a large manifest points at over and over."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(count):
+        path = folder / f"img{i:04d}.jpg"
+        if not path.exists():
+            Image.effect_noise(size, 40 + i % 50).convert("RGB").save(path, quality=85)
+        names.append(path.name)
+    return names
+
+
+def synthetic_manifest(path: Path, rows: int, images: list[str], image_dir: str = "img") -> Path:
+    frame = pd.DataFrame({
+        "id": [f"r{i:08d}" for i in range(rows)],
+        "image": [f"{image_dir}/{images[i % len(images)]}" for i in range(rows)],
+    })
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def cpu_s() -> float:
+    """User + system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        self.cpu_start = cpu_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.start
+        self.cpu = cpu_s() - self.cpu_start
