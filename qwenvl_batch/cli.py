@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: retry decisions; -vv: HTTP too")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(commands)
-    _add_simulate(commands)
+    _add_estimate(commands)
     _add_report(commands)
+    _add_simulate(commands)
     return parser
 
 
@@ -56,6 +57,9 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--max-attempts", type=int, help="attempts per row before it is recorded as an error")
     run.add_argument("--timeout", type=float, help="total seconds allowed for one request attempt")
     run.add_argument("--limit", type=int, metavar="N", help="only the first N rows of the manifest")
+    run.add_argument("--max-cost", type=float, metavar="AMOUNT",
+                     help="spend cap for the output (all runs together), in the price table's currency")
+    run.add_argument("--prices", metavar="FILE", help="price file that extends/overrides the built-in prices")
     run.add_argument("--retry-failed", action="store_true", help="send rows that ended in 'error' again")
     run.add_argument("--rerun-changed", action="store_true",
                      help="redo rows whose prompt, model or parameters changed since they were done")
@@ -88,6 +92,28 @@ def _add_simulate(commands: argparse._SubParsersAction) -> None:
     sim.set_defaults(handler=_cmd_simulate)
 
 
+def _add_estimate(commands: argparse._SubParsersAction) -> None:
+    est = commands.add_parser(
+        "estimate", help="tokens, cost range and wall time of a job, before anything is sent",
+        description="Estimate a job from the manifest and image headers only: nothing is sent, nothing is written.",
+    )
+    est.add_argument("job", help="job file (TOML), e.g. jobs/caption.toml")
+    est.add_argument("--input", help="manifest (CSV, Parquet or JSONL), relative to the current directory")
+    est.add_argument("--model", help="model name, e.g. qwen3-vl-flash")
+    est.add_argument("--concurrency", type=int, help="requests in flight at once")
+    est.add_argument("--rpm", type=float, help="requests-per-minute limit")
+    est.add_argument("--tpm", type=float, help="tokens-per-minute limit (prompt + completion)")
+    est.add_argument("--limit", type=int, metavar="N", help="only the first N rows of the manifest")
+    est.add_argument("--prices", metavar="FILE", help="price file that extends/overrides the built-in prices")
+    est.add_argument("--typical-completion-tokens", type=int, metavar="N",
+                     help="answer length behind the low cost (default: min(max_tokens, 150), a short caption; "
+                          "raise it for OCR or long answers)")
+    est.add_argument("--latency", type=float, default=3.0, metavar="SECONDS",
+                     help="assumed seconds per request, for the concurrency bound on wall time (default 3)")
+    est.add_argument("--format", choices=["text", "json"], default="text")
+    est.set_defaults(handler=_cmd_estimate)
+
+
 def _add_report(commands: argparse._SubParsersAction) -> None:
     rep = commands.add_parser("report", help="summarise an output folder (works on interrupted runs too)")
     rep.add_argument("output", help="output folder written by 'run'")
@@ -102,7 +128,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in (
         "input", "output", "model", "base_url", "api_key_env", "concurrency", "rpm", "tpm", "max_attempts",
-        "timeout", "limit", "retry_failed", "rerun_changed", "simulate", "progress")}
+        "timeout", "limit", "max_cost", "prices", "retry_failed", "rerun_changed", "simulate", "progress")}
     job = load_job(args.job, overrides)
     if job.run.simulate:
         print("qwenvl-batch: --simulate: answers come from the built-in SIMULATOR, not the real service",
@@ -142,6 +168,19 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         request_log=args.request_log,
     )
     serve(config, port=args.port)
+    return EXIT_OK
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from .config import load_job
+    from .estimate import estimate_job, render_estimate
+
+    overrides = {name: getattr(args, name) for name in ("input", "model", "concurrency", "rpm", "tpm", "limit",
+                                                        "prices")}
+    job = load_job(args.job, overrides)
+    estimate = estimate_job(job, prices=job.price_table(), typical_completion_tokens=args.typical_completion_tokens,
+                            assumed_latency_s=args.latency)
+    print(render_estimate(estimate, args.format))
     return EXIT_OK
 
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .pricing import PriceTable
 
 REGION_BASE_URLS: dict[str, str] = {
     "intl": "https://dashscope-intl.aliyuncs.com/compatible-mode/v1",  # Singapore
@@ -122,6 +125,13 @@ class LimitsConfig(_Section):
     retry_initial_s: float = Field(default=1.0, ge=0)
     retry_max_s: float = Field(default=60.0, ge=0)
     grace_s: float = Field(default=10.0, ge=0)
+    max_cost: float | None = Field(default=None, ge=0)
+
+
+class PricingConfig(_Section):
+    """Prices beyond the built-in table: a TOML file in the same format (see qwenvl_batch/prices.toml)."""
+
+    file: Path | None = None
 
 
 class RunOptions(_Section):
@@ -142,6 +152,7 @@ class JobConfig(_Section):
     model: ModelConfig
     prompt: PromptConfig = PromptConfig()
     limits: LimitsConfig = LimitsConfig()
+    pricing: PricingConfig = PricingConfig()
     run: RunOptions = RunOptions()
     job_file: Path | None = None
 
@@ -158,6 +169,13 @@ class JobConfig(_Section):
             f"No API key: set the environment variable {self.model.api_key_env} "
             f"(export {self.model.api_key_env}=sk-...), or try the job without one using --simulate."
         )
+
+    def price_table(self) -> "PriceTable":
+        """The built-in prices, extended or overridden by [pricing] file / --prices."""
+        from .pricing import PriceTable
+
+        table = PriceTable.builtin()
+        return table.merged(PriceTable.from_file(self.pricing.file)) if self.pricing.file else table
 
     @property
     def endpoint_identity(self) -> str:
@@ -183,6 +201,8 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "tpm": ("limits", "tokens_per_minute"),
     "max_attempts": ("limits", "max_attempts"),
     "timeout": ("limits", "timeout_s"),
+    "max_cost": ("limits", "max_cost"),
+    "prices": ("pricing", "file"),
     "limit": ("run", "limit"),
     "retry_failed": ("run", "retry_failed"),
     "rerun_changed": ("run", "rerun_changed"),
@@ -233,7 +253,7 @@ def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> set[
             raise ConfigError(f"Unknown override {flag!r}")
         section, key = OVERRIDES[flag]
         data.setdefault(section, {})[key] = value
-        if flag in ("input", "output"):
+        if flag in ("input", "output", "prices"):
             cwd_paths.add(flag)
     return cwd_paths
 
@@ -246,10 +266,13 @@ def _resolve_paths(job: JobConfig, base_dir: Path, cwd_paths: set[str]) -> JobCo
             return path
         return (Path.cwd() / path) if from_cli else (base_dir / path)
 
+    prices = job.pricing.file
     return job.model_copy(
         update={
             "input": job.input.model_copy(update={"path": resolve(job.input.path, "input" in cwd_paths)}),
             "output": job.output.model_copy(update={"path": resolve(job.output.path, "output" in cwd_paths)}),
+            "pricing": job.pricing.model_copy(
+                update={"file": resolve(prices, "prices" in cwd_paths) if prices else None}),
         }
     )
 

@@ -179,3 +179,27 @@ class Limiter:
         self._last_increase = now
         step = (ceiling or current) * self._increase
         self._set_rpm(min(ceiling, current + step) if ceiling else current + step)
+
+
+class SpendMeter:
+    """The spend cap: a request may start only if committed spend plus the worst case of everything in flight
+    (this request included) stays within ``cap``. Worst case = the request's estimated prompt and its maximum
+    completion at the price of its tier, so the cap holds even if every request in flight answers at full length.
+    """
+
+    def __init__(self, cap: float | None, committed: float = 0.0) -> None:
+        self.cap = cap
+        self.committed = committed  # spend already in the output (earlier runs) plus this run's answers
+        self.in_flight = 0.0
+
+    def reserve(self, worst_case: float) -> bool:
+        """Book ``worst_case`` for one attempt; False if that could break the cap (nothing is booked then)."""
+        if self.cap is not None and self.committed + self.in_flight + worst_case > self.cap + 1e-12:
+            return False
+        self.in_flight += worst_case
+        return True
+
+    def release(self, worst_case: float, actual: float) -> None:
+        """The attempt is over: drop its booking and add what it really cost."""
+        self.in_flight = max(0.0, self.in_flight - worst_case)
+        self.committed += actual

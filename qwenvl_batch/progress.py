@@ -24,6 +24,8 @@ class Counters:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float = 0.0
+    prior_cost: float = 0.0  # spend already in the output from earlier runs
+    to_do: int = 0
     retry_reasons: dict[str, int] = field(default_factory=dict)
     error_types: dict[str, int] = field(default_factory=dict)
 
@@ -34,7 +36,11 @@ class Counters:
     def postfix(self) -> str:
         tokens = self.prompt_tokens + self.completion_tokens
         text = f"ok={self.ok:,} err={self.errors:,} retries={self.retries:,} tokens={tokens:,}"
-        return text + (f" cost={self.cost:.4f}" if self.cost else "")
+        if self.cost:
+            spent = self.prior_cost + self.cost
+            projected = self.prior_cost + self.cost / max(self.done, 1) * max(self.to_do, self.done)
+            text += f" spent={spent:.4f} projected={projected:.4f}"
+        return text
 
 
 class Progress:

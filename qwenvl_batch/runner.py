@@ -34,8 +34,9 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from . import tokens
 from .client import ChatClient, Completion
 from .config import JobConfig
-from .errors import ConfigError, InputRowError, Interrupted, JobError
-from .limits import Limiter
+from .config import is_stream_only
+from .errors import ConfigError, InputRowError, Interrupted, JobError, SpendCapReached
+from .limits import Limiter, SpendMeter
 from .manifest import IdTracker, Manifest, id_strings, limited_batches, open_manifest
 from .media import PreparedImage, prepare_image, redact_data_url
 from .policy import Action, Decision, backoff_s, classify
@@ -47,6 +48,8 @@ from .store import OutputStore, ResumeIndex, ResultWriter, output_schema
 log = logging.getLogger(__name__)
 
 EXPECTED_COMPLETION_TOKENS = 256  # rate-limiter guess when max_tokens is unset; corrected by real usage
+WORST_CASE_COMPLETION_TOKENS = 8192  # spend-cap worst case when max_tokens is unset (Qwen-VL's usual max output)
+WORST_CASE_THINKING_TOKENS = 32768  # thinking is not bounded by max_tokens; thinking_budget bounds it when set
 
 
 @dataclass
@@ -179,7 +182,12 @@ class JobRun:
         self._check_columns()
         self.renderer = RowRenderer(job, self.manifest.columns, job.input.path.resolve().parent)
         self.store = OutputStore(job.output.path, output_schema(self.manifest.schema), job.input.id_column)
-        self.price: ModelPrice | None = (prices or PriceTable.builtin()).lookup(job.model.name, job.model.region)
+        self.price: ModelPrice | None = (prices or job.price_table()).lookup(job.model.name, job.model.region)
+        if job.limits.max_cost is not None and self.price is None:
+            raise ConfigError(
+                f"[limits] max_cost is set, but no price is known for model {job.model.name!r}, so spend cannot be "
+                "capped; add its price with [pricing] file / --prices FILE (see README 'Prices')"
+            )
         self.counters = Counters()
         self._stop_reason: BaseException | None = None
         self._stop_event: asyncio.Event | None = None
@@ -207,6 +215,9 @@ class JobRun:
         client = ChatClient(self.job, api_key=self.job.api_key(), base_url=self.base_url)
         limiter = Limiter(requests_per_minute=self.job.limits.requests_per_minute,
                           tokens_per_minute=self.job.limits.tokens_per_minute)
+        self.spend = SpendMeter(self.job.limits.max_cost, self.store.committed_cost())
+        self.counters.prior_cost = self.spend.committed
+        self.counters.to_do = plan.to_do
         try:
             with self._signals():
                 await self._dispatch(plan, _Workers(self, client, limiter, writer, progress))
@@ -364,7 +375,9 @@ class _Workers:
             return self.error_row(row, rendered, "input", exc.code, str(exc), attempts=0)
         messages = build_messages(rendered, images, min_pixels=self.job.model.min_pixels,
                                   max_pixels=self.job.model.max_pixels)
-        estimate = self.estimate_tokens(rendered, images)
+        prompt_estimate = self.estimate_prompt_tokens(rendered, images)
+        estimate = prompt_estimate + (self.job.model.max_tokens or EXPECTED_COMPLETION_TOKENS)
+        worst_cost = self.worst_case_cost(prompt_estimate)
         started = time.monotonic()
         attempts = 0
         try:
@@ -373,9 +386,17 @@ class _Workers:
                     attempts = attempt.retry_state.attempt_number
                     if self.run.stopping:
                         raise _Abandoned()
-                    await self.limiter.acquire(estimate)
-                    completion = await self.client.complete(messages)
-        except _Abandoned:
+                    self._reserve_spend(worst_cost)
+                    actual_cost = 0.0
+                    try:
+                        await self.limiter.acquire(estimate)
+                        completion = await self.client.complete(messages)
+                        actual_cost = self._cost(completion).get("cost") or 0.0
+                    finally:
+                        self.run.spend.release(worst_cost, actual_cost)
+        except (_Abandoned, JobError) as exc:
+            if isinstance(exc, JobError):
+                raise
             return None
         except Exception as exc:  # noqa: BLE001 - classify() re-raises anything it does not know (a bug)
             decision = classify(exc)
@@ -426,8 +447,33 @@ class _Workers:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.run._stop_event.wait(), timeout=seconds)
 
-    def estimate_tokens(self, rendered: RenderedRow, images: list[PreparedImage]) -> int:
-        """Prompt tokens from the real image sizes (Qwen-VL's resize rule) plus the expected completion."""
+    def _reserve_spend(self, worst_cost: float) -> None:
+        spend = self.run.spend
+        if not spend.reserve(worst_cost):
+            currency = self.run.price.currency if self.run.price else ""
+            raise SpendCapReached(
+                f"Spend cap reached: {spend.committed:.4f} {currency} spent, and the requests in flight could bring "
+                f"it over max_cost {spend.cap:.4f} {currency}. Raise the cap (--max-cost or [limits] max_cost) and "
+                "run again to continue; committed results are kept."
+            )
+
+    def worst_case_cost(self, prompt_tokens: int) -> float:
+        """What one request could cost at most: its prompt plus the longest completion it may produce."""
+        price = self.run.price
+        if price is None or self.run.spend.cap is None:
+            return 0.0
+        model = self.job.model
+        completion = model.max_tokens or WORST_CASE_COMPLETION_TOKENS
+        if is_stream_only(model.name) or model.extra_body.get("enable_thinking"):
+            completion += int(model.extra_body.get("thinking_budget") or WORST_CASE_THINKING_TOKENS)
+        try:
+            return row_cost(price, prompt_tokens=prompt_tokens, completion_tokens=completion).cost
+        except ValueError:  # above the last priced tier: price it at the top tier rather than not at all
+            top = price.tiers[-1]
+            return (prompt_tokens * top.input_per_mtok + completion * top.output_per_mtok) / 1e6
+
+    def estimate_prompt_tokens(self, rendered: RenderedRow, images: list[PreparedImage]) -> int:
+        """Prompt tokens from the real image sizes (Qwen-VL's resize rule), before sending."""
         model = self.job.model
         sizes = [(i.width, i.height) for i in images if i.width and i.height]
         unknown = len(images) - len(sizes)  # http(s) URLs: assume the per-image maximum
@@ -438,8 +484,7 @@ class _Workers:
                                           min_pixels=model.min_pixels, max_pixels=model.max_pixels)
         except ValueError:
             prompt = sum(tokens.text_tokens(t) for t in texts) + len(sizes) * (spec.max_pixels // spec.factor ** 2)
-        prompt += unknown * (spec.max_pixels // spec.factor ** 2 + 2)
-        return prompt + (model.max_tokens or EXPECTED_COMPLETION_TOKENS)
+        return prompt + unknown * (spec.max_pixels // spec.factor ** 2 + 2)
 
     # -- result rows ----------------------------------------------------------------------------------------
     def ok_row(self, row: dict[str, Any], rendered: RenderedRow, completion: Completion, attempts: int,

@@ -100,7 +100,7 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 FAULT_KINDS = (
     "500", "503", "429", "drop", "hang", "truncate", "partial", "moderation",
-    "badparam", "timeout_media", "toolong", "garbage",
+    "badparam", "timeout_media", "toolong", "garbage", "arrears", "auth",
 )  # fmt: skip
 _MARKER = re.compile(r"\[\[sim:([A-Za-z0-9_]+)(?::(\d+))?\]\]")
 _WORD = re.compile(r"\S+")
@@ -244,6 +244,9 @@ _FAULT_ERRORS: dict[str, SimError] = {
         code="InvalidParameter.DataInspection",
     ),
     "toolong": _bad_request(f"Range of input length should be [1, {MAX_INPUT_TOKENS}]"),
+    # Job-level failures arriving mid-run (the account goes into arrears, a key is revoked):
+    "arrears": SimError(400, "Arrearage", "Access denied, please make sure your account is in good standing."),
+    "auth": SimError(401, "invalid_api_key", "Incorrect API key provided."),
 }
 
 

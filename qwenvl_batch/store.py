@@ -35,6 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - makes pa.compute available
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
@@ -252,6 +253,14 @@ class OutputStore:
             ok=(keys["status"] == "ok").to_numpy(bool),
             fingerprints=keys["fingerprint"].to_numpy(object),
         )
+
+    def committed_cost(self) -> float:
+        """Spend recorded in the output so far (every committed row, superseded ones too: they were paid for)."""
+        total = 0.0
+        for table in self._iter_tables(["cost"]):
+            value = pa.compute.sum(table.column("cost")).as_py()
+            total += value or 0.0
+        return total
 
     def _key_frame(self, table: pa.Table) -> pd.DataFrame:
         return pd.DataFrame({

@@ -63,7 +63,8 @@ def make_job(tmp_path: Path, sim: SimulatorThread) -> Callable[..., JobConfig]:
 
     def build(manifest: Path, *, model: dict[str, Any] | None = None, limits: dict[str, Any] | None = None,
               prompt: dict[str, Any] | None = None, run: dict[str, Any] | None = None,
-              image_columns: list[str] | None = None, output: Path | None = None) -> JobConfig:
+              image_columns: list[str] | None = None, output: Path | None = None,
+              pricing: dict[str, Any] | None = None) -> JobConfig:
         raw = {
             "input": {"path": str(manifest), "id_column": "id", "image_columns": image_columns or ["image"]},
             "output": {"path": str(output or tmp_path / "out" / "result.parquet")},
@@ -72,6 +73,7 @@ def make_job(tmp_path: Path, sim: SimulatorThread) -> Callable[..., JobConfig]:
             "prompt": {"user": "Describe row {id}.", **(prompt or {})},
             "limits": {**FAST_LIMITS, **(limits or {})},
             "run": {"progress": "off", **(run or {})},
+            "pricing": pricing or {},
         }
         return job_from_dict(raw, base_dir=tmp_path)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qwenvl_batch import run_job
+from qwenvl_batch import JobError, load_results, run_job
 from qwenvl_batch.simulator import SimulatorConfig, SimulatorThread
 
 from conftest import image_rows, write_manifest
@@ -139,3 +139,20 @@ def test_run_under_mixed_faults_ends_all_ok_and_pays_once(tmp_path: Path, make_j
     served_ok = Counter(r["text"] for r in log if r["outcome"] == "ok")
     assert max(served_ok.values()) == 1 and len(served_ok) == 200
     assert summary.retries and sum(summary.retries.values()) == len(log) - 200
+
+
+def test_job_level_error_mid_run_leaves_the_rest_pending(tmp_path: Path, sim, make_job) -> None:
+    """An account error on row 20 of 40 stops the run: done rows are kept, none is marked failed, a re-run finishes."""
+    rows = image_rows(tmp_path, 40)
+    rows[20]["note"] = "[[sim:arrears:1]]"
+    job = make_job(write_manifest(tmp_path / "m.csv", rows), prompt=MARKED, limits={"concurrency": 2})
+    with pytest.raises(JobError, match="Arrearage") as caught:
+        run_job(job)
+    first = load_results(job.output.path)
+    assert 15 <= len(first) < 40
+    assert (first["status"] == "ok").all()  # a job-level error is never recorded on rows
+    assert caught.value.summary.pending == 40 - len(first)
+    summary = run_job(job)
+    out = pd.read_parquet(job.output.path)
+    assert summary.skipped_ok == len(first) and summary.ok == 40 - len(first)
+    assert len(out) == 40 and (out["status"] == "ok").all()
