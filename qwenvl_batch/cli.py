@@ -111,6 +111,7 @@ def _add_estimate(commands: argparse._SubParsersAction) -> None:
     est.add_argument("--latency", type=float, default=3.0, metavar="SECONDS",
                      help="assumed seconds per request, for the concurrency bound on wall time (default 3)")
     est.add_argument("--format", choices=["text", "json"], default="text")
+    est.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
     est.set_defaults(handler=_cmd_estimate)
 
 

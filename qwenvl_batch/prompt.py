@@ -1,9 +1,11 @@
 """Templates + a manifest row → what one request asks for, and the fingerprint that identifies it.
 
 The fingerprint is what makes resume honest: it hashes everything that decides the answer (model, endpoint,
-sampling parameters, the rendered prompt, the image references), so a re-run after the prompt or
-``max_tokens`` was edited can tell which finished rows were produced by different settings instead of silently
-keeping or silently redoing them.
+sampling parameters, the prompt templates and the row values they use, the image references as written), so a
+re-run after the prompt or ``max_tokens`` was edited can tell which finished rows were produced by different
+settings instead of silently keeping or silently redoing them. It is computed for a whole record batch at once
+(vectorised hashing of the columns that matter, keyed by a hash of the job's settings): resuming a run of 10^6
+finished rows must not mean rendering 10^6 prompts.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .config import JobConfig
 from .errors import ConfigError, InputRowError
@@ -56,7 +63,6 @@ class RenderedRow:
     system: str | None
     user: str
     images: tuple[ImageRef, ...]
-    fingerprint: str
     error: InputRowError | None = None
 
 
@@ -67,7 +73,9 @@ class RowRenderer:
         self.job = job
         self.base_dir = base_dir
         self._check_columns(set(columns))
-        self._prefix = hashlib.blake2b(_job_identity(job).encode(), digest_size=16).digest()
+        used = template_fields(job.prompt.system) | template_fields(job.prompt.user) | set(job.input.image_columns)
+        self._fingerprint_columns = sorted(used & set(columns))
+        self._hash_key = hashlib.blake2b(_job_identity(job).encode(), digest_size=8).hexdigest()
 
     def _check_columns(self, columns: set[str]) -> None:
         where = f"{self.job.job_file or 'job'} [prompt]"
@@ -97,21 +105,37 @@ class RowRenderer:
         if not refs and error is None:
             columns = ", ".join(repr(c) for c in self.job.input.image_columns)
             error = InputRowError(f"row {key!r}: no image: the image column {columns} is empty; add an image reference")
-        return RenderedRow(
-            key=key,
-            system=system,
-            user=user,
-            images=tuple(refs),
-            fingerprint=self._fingerprint(system, user, refs),
-            error=error,
-        )
+        return RenderedRow(key=key, system=system, user=user, images=tuple(refs), error=error)
 
-    def _fingerprint(self, system: str | None, user: str, refs: list[ImageRef]) -> str:
-        digest = hashlib.blake2b(self._prefix, digest_size=8)
-        for part in (system or "", user, *(ref.identity() for ref in refs)):
-            digest.update(part.encode("utf-8", "surrogatepass"))
-            digest.update(b"\x00")
-        return digest.hexdigest()
+    def fingerprints(self, batch: pa.RecordBatch) -> np.ndarray:
+        """One 64-bit fingerprint per row of ``batch`` (uint64), from the job's settings and the used columns."""
+        if batch.num_rows == 0:
+            return np.empty(0, dtype=np.uint64)
+        frame = pd.DataFrame({name: _as_text(batch.column(name)) for name in self._fingerprint_columns})
+        if frame.empty:
+            frame = pd.DataFrame({"_": np.zeros(batch.num_rows, dtype=np.uint8)})
+        hashed = pd.util.hash_pandas_object(frame, index=False, hash_key=self._hash_key, categorize=False)
+        return hashed.to_numpy(dtype=np.uint64)
+
+
+def _as_text(column: pa.Array) -> np.ndarray:
+    """A column as text for hashing: list cells joined with a separator, nulls distinct from empty strings."""
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        column = pc.binary_join(column.cast(pa.list_(pa.string())), "\x1f")
+    elif column.type != pa.string():
+        column = column.cast(pa.string())
+    return column.fill_null("\x00null").to_numpy(zero_copy_only=False)
+
+
+def fingerprint_hex(values: np.ndarray) -> list[str]:
+    """Fingerprints as 16-character hex strings (how the output stores them)."""
+    return [format(value, "016x") for value in values.tolist()]
+
+
+def parse_fingerprints(values: Iterable[str | None]) -> np.ndarray:
+    """Hex fingerprints back to uint64 (vectorised: one bytes.fromhex over all of them); None → 0."""
+    text = "".join(value if value and len(value) == 16 else "0" * 16 for value in values)
+    return np.frombuffer(bytes.fromhex(text), dtype=">u8").astype(np.uint64)
 
 
 def _job_identity(job: JobConfig) -> str:
@@ -129,6 +153,9 @@ def _job_identity(job: JobConfig) -> str:
             "min_pixels": model.min_pixels,
             "max_pixels": model.max_pixels,
             "extra_body": extra,
+            "system": job.prompt.system,
+            "user": job.prompt.user,
+            "image_columns": list(job.input.image_columns),
         },
         sort_keys=True,
         default=str,

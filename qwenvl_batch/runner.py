@@ -42,7 +42,7 @@ from .media import PreparedImage, prepare_image, redact_data_url
 from .policy import Action, Decision, backoff_s, classify
 from .pricing import ModelPrice, PriceTable, row_cost
 from .progress import Counters, Progress
-from .prompt import RenderedRow, RowRenderer, build_messages
+from .prompt import RenderedRow, RowRenderer, build_messages, fingerprint_hex
 from .store import OutputStore, ResumeIndex, ResultWriter, output_schema
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,9 @@ class RunSummary:
         return out
 
 
+_Item = tuple[dict[str, Any], str]  # a manifest row to do and its fingerprint (hex)
+
+
 class _Abandoned(Exception):
     """The run is stopping: leave this row pending instead of recording it."""
 
@@ -146,9 +149,7 @@ def _redo_mask(job: JobConfig, batch: pa.RecordBatch, renderer: RowRenderer, fou
                committed: np.ndarray, plan: Plan) -> np.ndarray:
     """For rows already in the output: which to send again (--retry-failed, --rerun-changed); counts the rest."""
     idx = np.nonzero(found)[0]
-    rows = batch.take(pa.array(idx)).to_pylist()
-    now = np.array([renderer.render(row).fingerprint for row in rows], dtype=object)
-    changed = now != committed[idx]
+    changed = renderer.fingerprints(batch.take(pa.array(idx))) != committed[idx]
     failed = ~ok[idx]
     redo = (changed & job.run.rerun_changed) | (failed & job.run.retry_failed)
     plan.changed += int(changed.sum())
@@ -235,7 +236,7 @@ class JobRun:
         return summary
 
     async def _dispatch(self, plan: Plan, workers: "_Workers") -> None:
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=2 * self.job.limits.concurrency)
+        queue: asyncio.Queue[_Item | None] = asyncio.Queue(maxsize=2 * self.job.limits.concurrency)
         feeder = asyncio.create_task(self._feed(plan, queue))
         tasks = [asyncio.create_task(workers.loop(queue)) for _ in range(self.job.limits.concurrency)]
         stop_wait = asyncio.create_task(self._stop_event.wait())
@@ -253,7 +254,7 @@ class JobRun:
         stop_wait.cancel()
         await asyncio.gather(feeder, stop_wait, return_exceptions=True)
 
-    async def _feed(self, plan: Plan, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+    async def _feed(self, plan: Plan, queue: asyncio.Queue[_Item | None]) -> None:
         """Reader: the rows to do, in manifest order, into the bounded queue (batch reads happen in a thread)."""
         batches: Iterator[pa.RecordBatch] = limited_batches(self.manifest, self.job.run.limit)
         position = 0
@@ -265,8 +266,9 @@ class JobRun:
             position += batch.num_rows
             idx = np.nonzero(mask)[0]
             if len(idx):
-                for row in batch.take(pa.array(idx)).to_pylist():
-                    await queue.put(row)
+                todo = batch.take(pa.array(idx))
+                for row, fingerprint in zip(todo.to_pylist(), fingerprint_hex(self.renderer.fingerprints(todo))):
+                    await queue.put((row, fingerprint))
         for _ in range(self.job.limits.concurrency):
             await queue.put(None)
 
@@ -348,11 +350,12 @@ class _Workers:
         self.progress = progress
         self.limits = run.job.limits
 
-    async def loop(self, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+    async def loop(self, queue: asyncio.Queue[_Item | None]) -> None:
         while not self.run.stopping:
-            row = await queue.get()
-            if row is None:
+            item = await queue.get()
+            if item is None:
                 return
+            row, fingerprint = item
             try:
                 result = await self.process(row)
             except JobError as exc:
@@ -362,6 +365,7 @@ class _Workers:
                 self.run.stop(exc)
                 raise
             if result is not None:
+                result["fingerprint"] = fingerprint
                 self.record(result)
 
     async def process(self, row: dict[str, Any]) -> dict[str, Any] | None:
@@ -538,7 +542,6 @@ class _Workers:
         for column in self.run._image_columns:
             out[column] = _redact(out[column])
         out.update(fields)
-        out["fingerprint"] = rendered.fingerprint
         out["finished_at"] = datetime.now(timezone.utc)
         return out
 

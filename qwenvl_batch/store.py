@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from . import __version__
 from .errors import ConfigError, JobError
 from .manifest import hash_ids, id_strings
+from .prompt import parse_fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class ResumeIndex:
 
     hashes: np.ndarray  # uint64, sorted
     ok: np.ndarray  # bool
-    fingerprints: np.ndarray  # object (str)
+    fingerprints: np.ndarray  # uint64 (prompt.parse_fingerprints)
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -135,11 +136,10 @@ class ResumeIndex:
         """For each hash: (found, ok, committed fingerprint or None)."""
         if len(self.hashes) == 0:
             n = len(hashes)
-            return np.zeros(n, bool), np.zeros(n, bool), np.full(n, None, dtype=object)
+            return np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, np.uint64)
         pos = np.clip(np.searchsorted(self.hashes, hashes), 0, len(self.hashes) - 1)
         found = self.hashes[pos] == hashes
-        fps = np.where(found, self.fingerprints[pos], None)
-        return found, found & self.ok[pos], fps
+        return found, found & self.ok[pos], np.where(found, self.fingerprints[pos], np.uint64(0))
 
 
 class OutputStore:
@@ -246,12 +246,12 @@ class OutputStore:
         """Committed rows (parts and journal), newest first per id, as a compact sorted index."""
         frames = [self._key_frame(table) for table in self._iter_tables(["status", "fingerprint"])]
         if not frames:
-            return ResumeIndex(np.empty(0, np.uint64), np.empty(0, bool), np.empty(0, object))
+            return ResumeIndex(np.empty(0, np.uint64), np.empty(0, bool), np.empty(0, np.uint64))
         keys = pd.concat(frames, ignore_index=True).drop_duplicates("hash", keep="last").sort_values("hash")
         return ResumeIndex(
             hashes=keys["hash"].to_numpy(np.uint64),
             ok=(keys["status"] == "ok").to_numpy(bool),
-            fingerprints=keys["fingerprint"].to_numpy(object),
+            fingerprints=keys["fingerprint"].to_numpy(np.uint64),
         )
 
     def committed_cost(self) -> float:
@@ -266,7 +266,7 @@ class OutputStore:
         return pd.DataFrame({
             "hash": hash_ids(id_strings(table.column(self.id_column))),
             "status": table.column("status").to_numpy(zero_copy_only=False),
-            "fingerprint": table.column("fingerprint").to_numpy(zero_copy_only=False),
+            "fingerprint": parse_fingerprints(table.column("fingerprint").to_pylist()),
         })
 
     def _iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
