@@ -18,6 +18,7 @@ import openai
 
 from . import tokens
 from .config import JobConfig
+from .errors import ConfigError
 from .policy import InvalidResponseError, PartialResponseError, StreamCutError
 
 try:  # openai>=3 ships its HTTP stack as httpx2; older releases use httpx
@@ -59,10 +60,7 @@ class ChatClient:
             max_retries=0,
             timeout=openai.Timeout(limits.timeout_s, connect=limits.connect_timeout_s,
                                    read=limits.stream_idle_timeout_s if self.stream else limits.timeout_s),
-            http_client=openai.DefaultAsyncHttpxClient(
-                limits=httpx.Limits(max_connections=limits.concurrency + 8,
-                                    max_keepalive_connections=limits.concurrency + 8),
-            ),
+            http_client=_http_client(limits.http_client, limits.concurrency + 8),
         )
         self._params = _request_params(job)
 
@@ -134,6 +132,21 @@ class ChatClient:
             usage=usage,
             request_id=raw.headers.get("x-request-id") or chunk_id,
         )
+
+
+def _http_client(kind: str, connections: int) -> Any:
+    """The SDK's HTTP stack: httpx (its default) or its aiohttp transport (``[limits] http_client``).
+
+    The connection pool must be at least as large as the concurrency, or workers queue for connections while
+    the rate limiter thinks their requests are in flight.
+    """
+    pool = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    if kind == "aiohttp":
+        factory = getattr(openai, "DefaultAioHttpClient", None)
+        if factory is None:
+            raise ConfigError("[limits] http_client = 'aiohttp' needs a newer openai package (pip install -U openai)")
+        return factory(limits=pool)
+    return openai.DefaultAsyncHttpxClient(limits=pool)
 
 
 def _request_params(job: JobConfig) -> dict[str, Any]:

@@ -126,6 +126,8 @@ class LimitsConfig(_Section):
     retry_max_s: float = Field(default=60.0, ge=0)
     grace_s: float = Field(default=10.0, ge=0)
     max_cost: float | None = Field(default=None, ge=0)
+    http_client: Literal["httpx", "aiohttp"] = "httpx"
+    max_inflight_mb: float = Field(default=512.0, gt=0)
 
 
 class PricingConfig(_Section):

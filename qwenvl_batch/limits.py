@@ -81,14 +81,18 @@ class AdaptiveState:
 
 
 class Limiter:
-    """The runner's admission control: RPM and TPM meters plus slow-start and AIMD on 429s.
+    """The runner's admission control: RPM and TPM meters plus slow start and back-off on 429s.
 
-    * Slow start: the request rate begins at ``start_fraction`` of the limit and grows to it over ``ramp_s``.
-    * On a 429 (at most once per ``cooldown_s``): the rate drops to ``decrease`` × the rate actually achieved
-      lately, and a ``Retry-After`` pauses every worker, not only the one that got it.
-    * Each ``recover_s`` without a 429, the rate grows by ``increase`` × the ceiling, up to the ceiling.
-    * With no RPM configured, nothing is metered until the first 429; from then on the limiter tracks the limit
-      the server revealed, probing upwards slowly (there is no ceiling to stop at).
+    With a configured request limit (the ceiling):
+
+    * slow start: the rate begins at ``start_fraction`` of the ceiling and grows to it over ``ramp_s``;
+    * on a 429 (at most once per ``cooldown_s``) the rate drops to ``decrease`` x itself, and a ``Retry-After``
+      pauses every worker, not only the one that got it;
+    * each ``recover_s`` without a 429 it grows back by ``increase`` x the ceiling, up to the ceiling.
+
+    With no request limit configured, nothing is metered until the first 429. From then on the rate is set from
+    what the server actually accepted over the last minute (``learn_margin`` below it) — a measurement of the
+    limit, not a guess — and probes upwards by ``learn_increase`` x itself per ``recover_s``.
     """
 
     def __init__(
@@ -103,6 +107,8 @@ class Limiter:
         increase: float = 0.02,
         cooldown_s: float = 5.0,
         recover_s: float = 2.0,
+        learn_margin: float = 0.95,
+        learn_increase: float = 0.005,
     ) -> None:
         self._clock = clock
         self.requests = RateMeter(None, burst_s=1.0, clock=clock)
@@ -115,8 +121,10 @@ class Limiter:
         self._increase = increase
         self._cooldown_s = cooldown_s
         self._recover_s = recover_s
+        self._learn_margin = learn_margin
+        self._learn_increase = learn_increase
         self._last_increase = self._start
-        self._recent: collections.deque[float] = collections.deque()
+        self._accepted: collections.deque[float] = collections.deque()
         if requests_per_minute:
             self._set_rpm(requests_per_minute * start_fraction)
 
@@ -129,14 +137,14 @@ class Limiter:
         self._grow()
         waited = await self.requests.acquire(1.0)
         waited += await self.tokens.acquire(float(estimated_tokens))
-        now = self._clock()
-        self._recent.append(now)
-        while self._recent and self._recent[0] < now - 10.0:
-            self._recent.popleft()
         return waited
 
     def settle(self, estimated_tokens: int, actual_tokens: int | None) -> None:
-        """Correct the token meter with the usage the provider reported."""
+        """A request succeeded: count it as accepted, and correct the token meter with the real usage."""
+        now = self._clock()
+        self._accepted.append(now)
+        while self._accepted and self._accepted[0] < now - 60.0:
+            self._accepted.popleft()
         if actual_tokens is not None:
             self.tokens.adjust(float(actual_tokens - estimated_tokens))
 
@@ -150,19 +158,23 @@ class Limiter:
             return
         self.state.last_throttle_at = now
         self.state.throttled += 1
-        achieved = self.achieved_rpm()
-        base = min(filter(None, (achieved, self.state.current_rpm)), default=None)
-        new_rpm = max(1.0, (base or 60.0) * self._decrease)
-        log.debug("rate limited: request rate %.0f → %.0f /min", self.state.current_rpm or 0, new_rpm)
+        current = self.state.current_rpm
+        if self.state.ceiling_rpm:
+            new_rpm = (current or self.state.ceiling_rpm) * self._decrease
+        else:
+            accepted = self.accepted_rpm()
+            new_rpm = accepted * self._learn_margin if accepted else (current or 60.0) * self._decrease
+        new_rpm = max(1.0, new_rpm)
+        log.debug("rate limited: request rate %.0f → %.0f /min", current or 0, new_rpm)
         self._set_rpm(new_rpm)
         self._last_increase = now
 
-    def achieved_rpm(self) -> float | None:
-        """Requests started per minute over the last 10 s (None until there is enough to measure)."""
-        if len(self._recent) < 5:
+    def accepted_rpm(self) -> float | None:
+        """Requests the server accepted per minute over the last minute (None until there is enough to tell)."""
+        window = min(60.0, self._clock() - self._start)
+        if window < 3.0 or len(self._accepted) < 5:
             return None
-        span = max(self._clock() - self._recent[0], 1e-3)
-        return len(self._recent) / span * 60.0
+        return len(self._accepted) / window * 60.0
 
     def _grow(self) -> None:
         """Slow start towards the ceiling, then additive increase after quiet periods."""
@@ -177,8 +189,42 @@ class Limiter:
         if now - self._last_increase < self._recover_s or now - self.state.last_throttle_at < self._recover_s:
             return
         self._last_increase = now
-        step = (ceiling or current) * self._increase
-        self._set_rpm(min(ceiling, current + step) if ceiling else current + step)
+        if ceiling:
+            self._set_rpm(min(ceiling, current + ceiling * self._increase))
+        else:
+            self._set_rpm(current * (1 + self._learn_increase))
+
+
+class ByteBudget:
+    """Bounds the image bytes held in memory by requests in flight (read, base64-encoded, awaiting retries).
+
+    Concurrency alone does not bound memory: 512 requests of 5 MB scans are 2.5 GB of base64. A request larger
+    than the whole budget is still admitted when nothing else is in flight, so it cannot wait forever.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        self.peak = 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self, amount: int) -> None:
+        if amount <= 0:
+            return
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used == 0 or self.used + amount <= self.max_bytes)
+            self.used += amount
+            self.peak = max(self.peak, self.used)
+
+    def release(self, amount: int) -> None:
+        if amount <= 0:
+            return
+        self.used -= amount
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
 
 class SpendMeter:

@@ -36,7 +36,7 @@ from .client import ChatClient, Completion
 from .config import JobConfig
 from .config import is_stream_only
 from .errors import ConfigError, InputRowError, Interrupted, JobError, SpendCapReached
-from .limits import Limiter, SpendMeter
+from .limits import ByteBudget, Limiter, SpendMeter
 from .manifest import IdTracker, Manifest, id_strings, limited_batches, open_manifest
 from .media import PreparedImage, prepare_image, redact_data_url
 from .policy import Action, Decision, backoff_s, classify
@@ -217,6 +217,7 @@ class JobRun:
         limiter = Limiter(requests_per_minute=self.job.limits.requests_per_minute,
                           tokens_per_minute=self.job.limits.tokens_per_minute)
         self.spend = SpendMeter(self.job.limits.max_cost, self.store.committed_cost())
+        self.image_bytes = ByteBudget(int(self.job.limits.max_inflight_mb * 1024 * 1024))
         self.counters.prior_cost = self.spend.committed
         self.counters.to_do = plan.to_do
         try:
@@ -373,6 +374,14 @@ class _Workers:
         rendered = self.run.renderer.render(row)
         if rendered.error is not None:
             return self.error_row(row, rendered, "input", rendered.error.code, str(rendered.error), attempts=0)
+        reserved = _local_image_bytes(rendered)
+        await self.run.image_bytes.acquire(reserved)  # bounds image bytes in memory, not only requests
+        try:
+            return await self._process_rendered(row, rendered)
+        finally:
+            self.run.image_bytes.release(reserved)
+
+    async def _process_rendered(self, row: dict[str, Any], rendered: RenderedRow) -> dict[str, Any] | None:
         try:
             images = await asyncio.to_thread(_prepare_all, rendered)
         except InputRowError as exc:
@@ -381,8 +390,29 @@ class _Workers:
                                   max_pixels=self.job.model.max_pixels)
         prompt_estimate = self.estimate_prompt_tokens(rendered, images)
         estimate = prompt_estimate + (self.job.model.max_tokens or EXPECTED_COMPLETION_TOKENS)
-        worst_cost = self.worst_case_cost(prompt_estimate)
         started = time.monotonic()
+        completion, attempts, failure = await self._send(messages, estimate, self.worst_case_cost(prompt_estimate))
+        latency_s = time.monotonic() - started
+        if completion is not None:
+            self.limiter.settle(estimate, completion.total_tokens)
+            return self.ok_row(row, rendered, completion, attempts, latency_s)
+        if failure is None:
+            return None  # the run is stopping: leave the row pending
+        decision = classify(failure)
+        if decision.action is Action.STOP_JOB:
+            raise JobError(decision.message, code=decision.code)
+        if decision.action is Action.RETRY and self.run.stopping:
+            return None
+        message = decision.message
+        if decision.action is Action.RETRY:
+            message = f"gave up after {attempts} attempt(s): {message}"
+        return self.error_row(row, rendered, decision.error_type, decision.code, message, attempts=attempts,
+                              latency_s=latency_s)
+
+    async def _send(self, messages: list[dict[str, Any]], estimate: int,
+                    worst_cost: float) -> tuple[Completion | None, int, BaseException | None]:
+        """Attempts with retries: (completion, attempts, None), (None, attempts, last failure), or (None, n, None)
+        when the run is stopping. JobErrors (the spend cap) propagate."""
         attempts = 0
         try:
             async for attempt in self._retrying():
@@ -398,23 +428,13 @@ class _Workers:
                         actual_cost = self._cost(completion).get("cost") or 0.0
                     finally:
                         self.run.spend.release(worst_cost, actual_cost)
-        except (_Abandoned, JobError) as exc:
-            if isinstance(exc, JobError):
-                raise
-            return None
-        except Exception as exc:  # noqa: BLE001 - classify() re-raises anything it does not know (a bug)
-            decision = classify(exc)
-            if decision.action is Action.STOP_JOB:
-                raise JobError(decision.message, code=decision.code) from None
-            if decision.action is Action.RETRY and self.run.stopping:
-                return None
-            message = decision.message
-            if decision.action is Action.RETRY:
-                message = f"gave up after {attempts} attempt(s): {message}"
-            return self.error_row(row, rendered, decision.error_type, decision.code, message, attempts=attempts,
-                                  latency_s=time.monotonic() - started)
-        self.limiter.settle(estimate, completion.total_tokens)
-        return self.ok_row(row, rendered, completion, attempts, time.monotonic() - started)
+        except _Abandoned:
+            return None, attempts, None
+        except JobError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - judged by policy.classify, which re-raises what it does not know
+            return None, attempts, exc
+        return completion, attempts, None
 
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
@@ -559,6 +579,16 @@ class _Workers:
             kind = result.get("error_type") or "unknown"
             counters.error_types[kind] = counters.error_types.get(kind, 0) + 1
         self.progress.update()
+
+
+def _local_image_bytes(rendered: RenderedRow) -> int:
+    """What a row's local images will take in memory once read and base64-encoded (4/3 of the file size)."""
+    total = 0
+    for ref in rendered.images:
+        if ref.path is not None:
+            with contextlib.suppress(OSError):  # a missing file is reported by prepare_image, not here
+                total += ref.path.stat().st_size * 4 // 3
+    return total
 
 
 def _prepare_all(rendered: RenderedRow) -> list[PreparedImage]:

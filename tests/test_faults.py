@@ -122,8 +122,10 @@ def test_null_reasoning_tokens_are_derived(tmp_path: Path, make_job) -> None:
     assert (out["reasoning_tokens"] < out["completion_tokens"]).all()
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_run_under_mixed_faults_ends_all_ok_and_pays_once(tmp_path: Path, make_job, stream: bool) -> None:
+@pytest.mark.parametrize(("stream", "http_client"), [(False, "httpx"), (True, "httpx"), (False, "aiohttp"),
+                                                     (True, "aiohttp")])
+def test_run_under_mixed_faults_ends_all_ok_and_pays_once(tmp_path: Path, make_job, stream: bool,
+                                                          http_client: str) -> None:
     """10% 5xx, 5% dropped connections, 2% hangs, 5% cut streams: every row ends ok, none paid twice."""
     config = SimulatorConfig(fail_500_rate=0.05, fail_503_rate=0.05, drop_rate=0.05, hang_rate=0.02,
                              truncate_rate=0.05 if stream else 0.0, seed=7, hang_s=30)
@@ -131,7 +133,7 @@ def test_run_under_mixed_faults_ends_all_ok_and_pays_once(tmp_path: Path, make_j
         job = make_job(write_manifest(tmp_path / "m.csv", image_rows(tmp_path, 200)),
                        model={"base_url": server.base_url, "stream": stream},
                        limits={"concurrency": 16, "max_attempts": 12, "timeout_s": 0.5,
-                               "stream_idle_timeout_s": 0.5})
+                               "stream_idle_timeout_s": 0.5, "http_client": http_client})
         summary = run_job(job)
         log = server.requests
     out = pd.read_parquet(job.output.path)
