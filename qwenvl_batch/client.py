@@ -79,14 +79,12 @@ class ChatClient:
 
     async def _complete_plain(self, messages: list[dict[str, Any]]) -> Completion:
         raw = await self._client.chat.completions.with_raw_response.create(messages=messages, **self._params)
-        if raw.headers.get("x-dashscope-partialresponse", "").lower() == "true":
-            raise PartialResponseError("the provider cut the answer short (x-dashscope-partialresponse: true)")
         completion = raw.parse()
         choices = getattr(completion, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None:
             raise InvalidResponseError("the server answered 200 but the body is not a chat completion")
         message = choices[0].message
-        return _completion(
+        result = _completion(
             content=message.content or "",
             reasoning=_extra(message, "reasoning_content"),
             finish_reason=choices[0].finish_reason,
@@ -94,6 +92,10 @@ class ChatClient:
             usage=getattr(completion, "usage", None),
             request_id=raw.headers.get("x-request-id") or getattr(completion, "id", None),
         )
+        if raw.headers.get("x-dashscope-partialresponse", "").lower() == "true":
+            raise PartialResponseError("the provider cut the answer short (x-dashscope-partialresponse: true)",
+                                       billed=result)
+        return result
 
     async def _complete_streamed(self, messages: list[dict[str, Any]]) -> Completion:
         raw = await self._client.chat.completions.with_raw_response.create(
@@ -116,10 +118,13 @@ class ChatClient:
                         reasoning.append(_extra(delta, "reasoning_content") or "")
                     finish_reason = choice.finish_reason or finish_reason
         except (httpx.TimeoutException, openai.APITimeoutError):
-            raise openai.APITimeoutError(request=raw.http_request) from None
+            if finish_reason is None or usage is None:
+                raise openai.APITimeoutError(request=raw.http_request) from None
         except (httpx.TransportError, openai.APIConnectionError) as exc:  # newer SDKs wrap the transport error
-            cause = exc.__cause__ or exc
-            raise StreamCutError(f"the stream broke off: {type(cause).__name__}: {cause}") from None
+            if finish_reason is None or usage is None:
+                cause = exc.__cause__ or exc
+                raise StreamCutError(f"the stream broke off: {type(cause).__name__}: {cause}") from None
+            # Only the closing "[DONE]" was lost: the answer and its usage are complete (and paid for); keep them.
         finally:
             await stream.close()
         if finish_reason is None:

@@ -25,6 +25,8 @@ What an estimate cannot know, and what it does instead:
 
 from __future__ import annotations
 
+import functools
+
 import json
 import logging
 import math
@@ -40,7 +42,7 @@ from . import tokens
 from .config import JobConfig
 from .errors import ConfigError, InputRowError
 from .manifest import Manifest, limited_batches, open_manifest
-from .media import ImageInfo, ImageRef, probe_image
+from .media import ImageInfo, ImageRef, ResizePolicy, probe_image
 from .pricing import ModelPrice, PriceTable, row_cost
 from .prompt import RenderedRow, RowRenderer, template_fields
 
@@ -154,7 +156,7 @@ def estimate_rows(job: JobConfig) -> Iterator[RowEstimate]:
     renderer = RowRenderer(job, manifest.columns, job.input.path.resolve().parent)
     counter = _TokenCounter(job)
     with ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="qwenvl-probe") as pool:
-        prober = _Prober(pool)
+        prober = _Prober(pool, job.resize_policy())
         for batch in limited_batches(manifest, job.run.limit, _needed_columns(job, manifest)):
             rendered = [renderer.render(row) for row in batch.to_pylist()]
             prober.prefetch(ref for row in rendered if row.error is None for ref in row.images)
@@ -183,14 +185,15 @@ def _needed_columns(job: JobConfig, manifest: Manifest) -> list[str]:
 class _Prober:
     """Header reads, cached by resolved path, done ahead of need in a thread pool."""
 
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, pool: ThreadPoolExecutor, resize: ResizePolicy | None = None) -> None:
         self._pool = pool
+        self._probe = functools.partial(_probe, resize=resize)  # a file the runner will shrink is no size error
         self._cache: OrderedDict[Path, _ProbeResult] = OrderedDict()
 
     def prefetch(self, refs: Iterable[ImageRef]) -> None:
         """Probe every local file among ``refs`` not yet known, in parallel; each distinct path once."""
         todo = list({ref.path: ref for ref in refs if ref.kind == "path" and ref.path not in self._cache}.values())
-        for ref, result in zip(todo, self._pool.map(_probe, todo)):
+        for ref, result in zip(todo, self._pool.map(self._probe, todo)):
             self._store(ref.path, result)  # type: ignore[arg-type]  # path refs always have a path
 
     def size(self, ref: ImageRef) -> tuple[int, int] | None:
@@ -198,10 +201,10 @@ class _Prober:
         if ref.kind == "path":
             result = self._cache.get(ref.path)  # type: ignore[arg-type]
             if result is None and ref.path not in self._cache:  # evicted, or not prefetched
-                result = _probe(ref)
+                result = self._probe(ref)
                 self._store(ref.path, result)  # type: ignore[arg-type]
         else:
-            result = _probe(ref)  # URLs are not fetched; data URLs carry their own bytes (rare: no cache)
+            result = self._probe(ref)  # URLs are not fetched; data URLs carry their own bytes (rare: no cache)
         if isinstance(result, InputRowError):
             raise result
         return result
@@ -212,10 +215,10 @@ class _Prober:
             self._cache.popitem(last=False)
 
 
-def _probe(ref: ImageRef) -> _ProbeResult:
+def _probe(ref: ImageRef, resize: ResizePolicy | None = None) -> _ProbeResult:
     """One header read; an input error is returned (and cached), not raised, so a pool can carry it."""
     try:
-        info: ImageInfo | None = probe_image(ref)
+        info: ImageInfo | None = probe_image(ref, resize)
     except InputRowError as exc:
         return exc
     return None if info is None else (info.width, info.height)

@@ -78,6 +78,7 @@ class AdaptiveState:
     current_rpm: float | None
     throttled: int = 0
     last_throttle_at: float = float("-inf")
+    learned: bool = False  # no limit configured, and a full minute of accepted requests has measured it
 
 
 class Limiter:
@@ -162,19 +163,30 @@ class Limiter:
         if self.state.ceiling_rpm:
             new_rpm = (current or self.state.ceiling_rpm) * self._decrease
         else:
-            accepted = self.accepted_rpm()
-            new_rpm = accepted * self._learn_margin if accepted else (current or 60.0) * self._decrease
+            new_rpm = self._learned_rpm(now, current)
         new_rpm = max(1.0, new_rpm)
         log.debug("rate limited: request rate %.0f → %.0f /min", current or 0, new_rpm)
         self._set_rpm(new_rpm)
         self._last_increase = now
 
-    def accepted_rpm(self) -> float | None:
-        """Requests the server accepted per minute over the last minute (None until there is enough to tell)."""
-        window = min(60.0, self._clock() - self._start)
-        if window < 3.0 or len(self._accepted) < 5:
-            return None
-        return len(self._accepted) / window * 60.0
+    def _learned_rpm(self, now: float, current: float | None) -> float:
+        """No limit configured: what the server accepted tells us its limit.
+
+        Once a full minute has passed, the requests accepted in the last 60 s *are* the per-minute limit (the
+        window was full, or we would not be throttled), so the rate goes just below that. Before that, only
+        the burst is known: the first 429 starts at half the rate accepted so far (providers allow short bursts
+        of about twice the per-second rate), later ones cut multiplicatively.
+        """
+        elapsed = now - self._start
+        accepted = len(self._accepted)
+        if elapsed >= 60.0 and accepted >= 5:
+            self.state.learned = True
+            target = accepted * self._learn_margin
+            # already below the measured limit and still throttled (a per-second limit, say): cut, else settle
+            return current * self._decrease if current is not None and current < target else target
+        if current is None:
+            return max(accepted, 1) / max(elapsed, 1.0) * 60.0 * 0.5
+        return current * self._decrease
 
     def _grow(self) -> None:
         """Slow start towards the ceiling, then additive increase after quiet periods."""
@@ -191,8 +203,8 @@ class Limiter:
         self._last_increase = now
         if ceiling:
             self._set_rpm(min(ceiling, current + ceiling * self._increase))
-        else:
-            self._set_rpm(current * (1 + self._learn_increase))
+        else:  # probe: briskly until the limit has been measured, gently after
+            self._set_rpm(current * (1 + (self._learn_increase if self.state.learned else self._increase)))
 
 
 class ByteBudget:

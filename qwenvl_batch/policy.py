@@ -46,7 +46,14 @@ class InvalidResponseError(Exception):
 
 
 class PartialResponseError(Exception):
-    """A non-streaming answer flagged ``x-dashscope-partialresponse: true``: the provider timed out mid-answer."""
+    """A non-streaming answer flagged ``x-dashscope-partialresponse: true``: the provider timed out mid-answer.
+
+    The provider bills such an answer, so ``billed`` carries its usage (a client.Completion) for the cost columns.
+    """
+
+    def __init__(self, message: str, *, billed: object | None = None) -> None:
+        super().__init__(message)
+        self.billed = billed
 
 
 # Codes and message fragments, from the provider's error-code page (reference §3.2 and §4).

@@ -156,6 +156,7 @@ def _job_identity(job: JobConfig) -> str:
             "system": job.prompt.system,
             "user": job.prompt.user,
             "image_columns": list(job.input.image_columns),
+            "images": job.images.model_dump(),
         },
         sort_keys=True,
         default=str,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -38,8 +38,8 @@ from .config import is_stream_only
 from .errors import ConfigError, InputRowError, Interrupted, JobError, SpendCapReached
 from .limits import ByteBudget, Limiter, SpendMeter
 from .manifest import IdTracker, Manifest, id_strings, limited_batches, open_manifest
-from .media import PreparedImage, prepare_image, redact_data_url
-from .policy import Action, Decision, backoff_s, classify
+from .media import PreparedImage, ResizePolicy, prepare_image, redact_data_url
+from .policy import Action, Decision, PartialResponseError, backoff_s, classify
 from .pricing import ModelPrice, PriceTable, row_cost
 from .progress import Counters, Progress
 from .prompt import RenderedRow, RowRenderer, build_messages, fingerprint_hex
@@ -193,6 +193,9 @@ class JobRun:
         self._stop_reason: BaseException | None = None
         self._stop_event: asyncio.Event | None = None
         self._image_columns = [c for c in job.input.image_columns if c in self.manifest.columns]
+        self.resize = job.resize_policy()
+        # Decoding and resizing a 24 MP scan takes ~100 MB for a moment: a few at a time, not one per worker.
+        self.preparing = asyncio.Semaphore(max(2, os.cpu_count() or 2))
 
     def _check_columns(self) -> None:
         columns = set(self.manifest.columns)
@@ -383,7 +386,8 @@ class _Workers:
 
     async def _process_rendered(self, row: dict[str, Any], rendered: RenderedRow) -> dict[str, Any] | None:
         try:
-            images = await asyncio.to_thread(_prepare_all, rendered)
+            async with self.run.preparing:
+                images = await asyncio.to_thread(_prepare_all, rendered, self.run.resize)
         except InputRowError as exc:
             return self.error_row(row, rendered, "input", exc.code, str(exc), attempts=0)
         messages = build_messages(rendered, images, min_pixels=self.job.model.min_pixels,
@@ -391,11 +395,13 @@ class _Workers:
         prompt_estimate = self.estimate_prompt_tokens(rendered, images)
         estimate = prompt_estimate + (self.job.model.max_tokens or EXPECTED_COMPLETION_TOKENS)
         started = time.monotonic()
-        completion, attempts, failure = await self._send(messages, estimate, self.worst_case_cost(prompt_estimate))
+        billed: list[dict[str, Any]] = []  # costs of failed attempts the provider still billed
+        completion, attempts, failure = await self._send(messages, estimate, self.worst_case_cost(prompt_estimate),
+                                                         billed)
         latency_s = time.monotonic() - started
         if completion is not None:
             self.limiter.settle(estimate, completion.total_tokens)
-            return self.ok_row(row, rendered, completion, attempts, latency_s)
+            return self.ok_row(row, rendered, completion, attempts, latency_s, billed)
         if failure is None:
             return None  # the run is stopping: leave the row pending
         decision = classify(failure)
@@ -407,10 +413,10 @@ class _Workers:
         if decision.action is Action.RETRY:
             message = f"gave up after {attempts} attempt(s): {message}"
         return self.error_row(row, rendered, decision.error_type, decision.code, message, attempts=attempts,
-                              latency_s=latency_s)
+                              latency_s=latency_s, billed=billed)
 
-    async def _send(self, messages: list[dict[str, Any]], estimate: int,
-                    worst_cost: float) -> tuple[Completion | None, int, BaseException | None]:
+    async def _send(self, messages: list[dict[str, Any]], estimate: int, worst_cost: float,
+                    billed: list[dict[str, Any]]) -> tuple[Completion | None, int, BaseException | None]:
         """Attempts with retries: (completion, attempts, None), (None, attempts, last failure), or (None, n, None)
         when the run is stopping. JobErrors (the spend cap) propagate."""
         attempts = 0
@@ -426,6 +432,11 @@ class _Workers:
                         await self.limiter.acquire(estimate)
                         completion = await self.client.complete(messages)
                         actual_cost = self._cost(completion).get("cost") or 0.0
+                    except PartialResponseError as exc:  # billed although not usable: count it, then retry
+                        if isinstance(exc.billed, Completion):
+                            billed.append(self._cost(exc.billed))
+                            actual_cost = billed[-1].get("cost") or 0.0
+                        raise
                     finally:
                         self.run.spend.release(worst_cost, actual_cost)
         except _Abandoned:
@@ -512,7 +523,7 @@ class _Workers:
 
     # -- result rows ----------------------------------------------------------------------------------------
     def ok_row(self, row: dict[str, Any], rendered: RenderedRow, completion: Completion, attempts: int,
-               latency_s: float) -> dict[str, Any]:
+               latency_s: float, billed: list[dict[str, Any]]) -> dict[str, Any]:
         fields = {
             "status": "ok",
             "response": completion.content,
@@ -529,11 +540,12 @@ class _Workers:
             "latency_s": round(latency_s, 4),
             "request_id": completion.request_id,
         }
-        fields.update(self._cost(completion))
+        fields.update(_add_costs([self._cost(completion), *billed]))
         return self._output_row(row, rendered, fields)
 
     def error_row(self, row: dict[str, Any], rendered: RenderedRow, error_type: str, code: str | None,
-                  message: str, *, attempts: int, latency_s: float | None = None) -> dict[str, Any]:
+                  message: str, *, attempts: int, latency_s: float | None = None,
+                  billed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         fields = {
             "status": "error",
             "model": self.job.model.name,
@@ -543,6 +555,7 @@ class _Workers:
             "attempts": attempts,
             "latency_s": round(latency_s, 4) if latency_s is not None else None,
         }
+        fields.update(_add_costs(billed or []))
         return self._output_row(row, rendered, fields)
 
     def _cost(self, completion: Completion) -> dict[str, Any]:
@@ -569,16 +582,25 @@ class _Workers:
         """Hand the row to the writer (durable within milliseconds) and update the live counters."""
         self.writer.put(result)
         counters = self.run.counters
+        counters.cost += result.get("cost") or 0.0
         if result["status"] == "ok":
             counters.ok += 1
             counters.prompt_tokens += result.get("prompt_tokens") or 0
             counters.completion_tokens += result.get("completion_tokens") or 0
-            counters.cost += result.get("cost") or 0.0
         else:
             counters.errors += 1
             kind = result.get("error_type") or "unknown"
             counters.error_types[kind] = counters.error_types.get(kind, 0) + 1
         self.progress.update()
+
+
+def _add_costs(costs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum cost dicts (the answer's and those of billed failed attempts); empty if none is priced."""
+    priced = [c for c in costs if c]
+    if not priced:
+        return {}
+    total = {key: sum(c[key] for c in priced) for key in ("input_cost", "output_cost", "cost")}
+    return {**total, "currency": priced[0]["currency"]}
 
 
 def _local_image_bytes(rendered: RenderedRow) -> int:
@@ -591,8 +613,8 @@ def _local_image_bytes(rendered: RenderedRow) -> int:
     return total
 
 
-def _prepare_all(rendered: RenderedRow) -> list[PreparedImage]:
-    return [prepare_image(ref) for ref in rendered.images]
+def _prepare_all(rendered: RenderedRow, resize: ResizePolicy) -> list[PreparedImage]:
+    return [prepare_image(ref, resize) for ref in rendered.images]
 
 
 def _redact(value: Any) -> Any:

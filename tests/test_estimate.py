@@ -112,10 +112,10 @@ def test_each_resolved_path_is_probed_once(tmp_path: Path, sim, make_job, monkey
     probed: list[Path] = []
     lock = threading.Lock()
 
-    def counting_probe(ref):  # type: ignore[no-untyped-def]
+    def counting_probe(ref, resize=None):  # type: ignore[no-untyped-def]
         with lock:
             probed.append(ref.path)
-        return probe_image(ref)
+        return probe_image(ref, resize)
 
     monkeypatch.setattr(estimate_module, "probe_image", counting_probe)
     result = estimate_job(make_job(write_manifest(tmp_path / "m.csv", rows)))

@@ -75,19 +75,25 @@ def test_throttle_cuts_the_rate_once_per_cooldown_then_recovers() -> None:
 
 
 def test_unlimited_runner_learns_the_limit_from_429s() -> None:
-    """With no RPM configured, nothing is metered until a 429; then the rate follows what the server accepted."""
+    """With no RPM configured, nothing is metered until a 429; after a minute the rate follows what was accepted."""
     clock = FakeClock()
     limiter = Limiter(requests_per_minute=None, tokens_per_minute=None, clock=clock)
     assert limiter.requests.reserve(1) == 0.0
-    for _ in range(200):  # the server accepted 200 requests over 10 s = 1200/min
+    for _ in range(40):  # a burst: 40 accepted in the first second
+        clock.now += 0.025
+        limiter.settle(100, 100)
+    limiter.on_throttle(None)
+    assert limiter.state.current_rpm == pytest.approx(40 * 60 * 0.5)  # half the burst rate
+    for _ in range(1300):  # then the server accepts 20 a second for 65 s: 1,200 in the last minute
         clock.now += 0.05
         limiter.settle(100, 100)
     limiter.on_throttle(None)
+    assert limiter.state.learned
     assert limiter.state.current_rpm == pytest.approx(1200 * 0.95, rel=0.01)
     before = limiter.state.current_rpm
     clock.now += 2.5
     limiter._grow()
-    assert before < limiter.state.current_rpm < before * 1.01  # probes upwards, slowly
+    assert before < limiter.state.current_rpm < before * 1.01  # probes upwards, gently once learned
 
 
 def test_byte_budget_bounds_bytes_in_flight() -> None:

@@ -9,22 +9,27 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image, ImageCms, ImageDraw, JpegImagePlugin
 
 from qwenvl_batch.errors import InputRowError
 from qwenvl_batch.media import (
     MAX_DATA_URL_CHARS,
     ImageInfo,
     ImageRef,
+    PreparedImage,
+    ResizePolicy,
     parse_image_cell,
     prepare_image,
     probe_image,
     redact_data_url,
 )
+from qwenvl_batch.tokens import ImageSizeError, effective_pixel_bounds, image_tokens, smart_resize, vision_spec
 
 MakeFile = Callable[[Path], Path]
 """Builds a (possibly broken) file at the given path and returns the path."""
@@ -430,3 +435,389 @@ def test_redaction_works_inside_a_json_list(tmp_path: Path) -> None:
 def test_redaction_leaves_plain_references_unchanged(value: str) -> None:
     """Paths, URLs and text that merely contain "data:" are returned unchanged."""
     assert redact_data_url(value) == value
+
+
+# ------------------------------------------------------------------------------------------------ resizing
+
+FLASH = ResizePolicy.for_model("qwen3-vl-flash")
+
+
+def _noisy(size: tuple[int, int], mode: str = "RGB", spread: int = 64, seed: int = 0) -> Image.Image:
+    """A scan-like page: uniform sensor noise on off-white paper, crossed by dark "text" bars.
+
+    Uniform integers from numpy rather than Image.effect_noise: 24 MP in 0.1 s instead of 0.8 s.
+    """
+    rng = np.random.default_rng(seed)
+    width, height = size
+    noise = rng.integers(0, spread, (height, width), dtype=np.uint8)
+    page = Image.fromarray((noise + (250 - spread)).astype(np.uint8))
+    draw = ImageDraw.Draw(page)
+    for y in range(height // 20, height - height // 20, max(8, height // 60)):
+        draw.rectangle((width // 15, y, width * 14 // 15, y + max(2, height // 200)), fill=30)
+    if mode == "L":
+        return page
+    return Image.merge("RGB", (page, page.point(lambda v: max(0, v - 6)), page.point(lambda v: max(0, v - 14))))
+
+
+def _payload(prepared: PreparedImage) -> bytes:
+    """The bytes inside a prepared data URL."""
+    return base64.b64decode(prepared.url.split(",", 1)[1])
+
+
+def _sent_image(prepared: PreparedImage) -> Image.Image:
+    """The image the provider would receive, decoded."""
+    image = Image.open(io.BytesIO(_payload(prepared)))
+    image.load()
+    return image
+
+
+def _with_orientation(path: Path, image: Image.Image, orientation: int, fmt: str = "JPEG", **params: object) -> Path:
+    """Save ``image`` in ``fmt`` with an EXIF orientation tag that says how to turn it upright."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    image.save(path, fmt, exif=exif.tobytes(), **params)
+    return path
+
+
+def _move_exif_after_pixels(path: Path) -> Path:
+    """Rewrite a PNG so that its eXIf chunk follows the IDAT chunks (allowed, and what some tools write)."""
+    data = path.read_bytes()
+    chunks, position = [], 8
+    while position < len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        chunks.append(data[position : position + 12 + length])
+        position += 12 + length
+    exif = [chunk for chunk in chunks if chunk[4:8] == b"eXIf"]
+    rest = [chunk for chunk in chunks if chunk[4:8] != b"eXIf"]
+    path.write_bytes(data[:8] + b"".join(rest[:-1] + exif + rest[-1:]))
+    return path
+
+
+def _halves(size: tuple[int, int]) -> Image.Image:
+    """Left half red, right half blue: shows which way an image was turned."""
+    image = Image.new("RGB", size, (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, size[0] // 2, size[1]))
+    return image
+
+
+@pytest.fixture(scope="module")
+def scan_24mp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 6000×4000 noisy colour scan saved as a JPEG of over 12 MB (too big to send as it is)."""
+    path = tmp_path_factory.mktemp("scans") / "scan.jpg"
+    _noisy((6000, 4000)).save(path, "JPEG", quality=95)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sized_scans(tmp_path_factory: pytest.TempPathFactory) -> Callable[[tuple[int, int]], Path]:
+    """Noisy JPEG scans of any size, written once per size for the whole module."""
+    folder = tmp_path_factory.mktemp("sized")
+    made: dict[tuple[int, int], Path] = {}
+
+    def make(size: tuple[int, int]) -> Path:
+        if size not in made:
+            made[size] = folder / f"{size[0]}x{size[1]}.jpg"
+            _noisy(size, spread=24).save(made[size], "JPEG", quality=90)
+        return made[size]
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [
+        ("qwen3-vl-flash", {}),
+        ("qwen3-vl-flash", {"high_resolution": True}),
+        ("qwen-vl-ocr", {}),
+        ("qwen-vl-ocr", {"min_pixels": 3_072, "max_pixels": 8_388_608}),
+        ("qwen-vl-max", {}),
+        ("qwen2.5-vl-72b-instruct", {"max_pixels": 2_007_040}),
+        ("qwen3-vl-plus", {"min_pixels": 200_000, "max_pixels": 1_000_000}),
+    ],
+)
+@pytest.mark.parametrize("width, height", [(10, 10), (33, 6000), (1000, 1000), (4000, 3001), (7999, 40), (6000, 6000)])
+def test_target_size_is_a_fixed_point_that_keeps_the_tokens(
+    model: str, options: dict[str, Any], width: int, height: int
+) -> None:
+    """A target size is smaller, is what smart_resize gives, is left alone by smart_resize, and keeps the tokens."""
+    policy = ResizePolicy.for_model(model, **options)
+
+    def provider(h: int, w: int) -> tuple[int, int] | None:
+        """The provider's (h_bar, w_bar), or None where it refuses the shape."""
+        try:
+            return smart_resize(h, w, factor=policy.factor, min_pixels=policy.min_pixels, max_pixels=policy.max_pixels)
+        except ImageSizeError:
+            return None
+
+    sizes = [(width, height), (height, width)] + [(w, h) for w in range(10, 9001, 611) for h in range(10, 9001, 587)]
+    targets = 0
+    for w, h in sizes:
+        target, bars = policy.target_size(w, h), provider(h, w)
+        if target is None:  # only where the provider would not shrink, or would refuse or resize again
+            assert bars is None or bars[0] * bars[1] >= h * w or provider(*bars) != bars
+            continue
+        targets += 1
+        assert bars is not None and target == (bars[1], bars[0]) and bars[0] * bars[1] < w * h
+        assert provider(*bars) == bars
+        assert image_tokens(*target, model, **options) == image_tokens(w, h, model, **options)
+    assert targets > 100  # the grid does exercise the resizing branch
+
+
+@pytest.mark.parametrize(
+    ("model", "options"),
+    [
+        ("qwen3-vl-flash", {}),
+        ("qwen-vl-ocr", {"min_pixels": 3_072, "max_pixels": 4_000_000}),
+        ("qwen2.5-vl-72b-instruct", {}),
+    ],
+)
+@pytest.mark.parametrize("size", [(1701, 2479), (2563, 1999), (3001, 1501), (4099, 1077)])
+def test_resized_file_keeps_the_tokens(
+    model: str, options: dict[str, Any], size: tuple[int, int], sized_scans: Callable[[tuple[int, int]], Path]
+) -> None:
+    """A big file is sent at exactly smart_resize's size, and the image tokens equal the original's."""
+    policy = ResizePolicy.for_model(model, **options)
+    prepared = prepare_image(_ref(sized_scans(size)), policy)
+    width, height = size
+    spec = vision_spec(model)
+    lower, upper = effective_pixel_bounds(spec, **options)
+    h_bar, w_bar = smart_resize(height, width, factor=spec.factor, min_pixels=lower, max_pixels=upper)
+    assert prepared.original_size == size
+    assert (prepared.width, prepared.height) == (w_bar, h_bar) == _sent_image(prepared).size
+    assert image_tokens(w_bar, h_bar, model, **options) == image_tokens(width, height, model, **options)
+
+
+def test_24mp_scan_keeps_its_tokens_and_shrinks_at_least_5x(scan_24mp: Path) -> None:
+    """A 6000×4000 noisy scan goes at smart_resize's size: ≥ 5× smaller for flash (2.6 MP), ≥ 2× for OCR."""
+    for model, shrink in (("qwen3-vl-flash", 5), ("qwen-vl-ocr", 2)):
+        policy = ResizePolicy.for_model(model)
+        prepared = prepare_image(_ref(scan_24mp), policy)
+        h_bar, w_bar = smart_resize(4000, 6000, factor=32, min_pixels=policy.min_pixels,
+                                    max_pixels=policy.max_pixels)
+        assert prepared.original_size == (6000, 4000)
+        assert (prepared.width, prepared.height) == (w_bar, h_bar)
+        assert image_tokens(w_bar, h_bar, model) == image_tokens(6000, 4000, model)
+        assert len(_payload(prepared)) * shrink <= scan_24mp.stat().st_size
+        assert prepared.mime == "image/jpeg"
+
+
+def test_12mb_scan_is_refused_as_is_and_accepted_resized(scan_24mp: Path) -> None:
+    """A scan too big for a data URL is refused without a policy and with "off", and sent once resized."""
+    assert scan_24mp.stat().st_size > 12_000_000
+    for policy in (None, replace(FLASH, enabled=False)):
+        with pytest.raises(InputRowError) as info:
+            prepare_image(_ref(scan_24mp), policy)
+        assert info.value.code == "too_large"
+    prepared = prepare_image(_ref(scan_24mp), FLASH)
+    assert prepared.sent_bytes <= MAX_DATA_URL_CHARS
+    assert prepared.sent_bytes == len(prepared.url)
+
+
+def test_exif_orientation_6_is_applied(tmp_path: Path) -> None:
+    """A 300×200 JPEG tagged orientation 6 is sent upright as 200×300, its left edge on top, with no tag."""
+    path = _with_orientation(tmp_path / "sideways.jpg", _halves((300, 200)), 6, quality=95)
+    prepared = prepare_image(_ref(path), FLASH)
+    sent = _sent_image(prepared)
+    assert (prepared.width, prepared.height) == sent.size == (200, 300)
+    assert prepared.original_size is None  # turned, not resized
+    assert sent.getexif().get(ExifTags.Base.Orientation) is None
+    top, bottom = sent.getpixel((100, 20)), sent.getpixel((100, 280))
+    assert top[0] > 200 and top[2] < 60  # red: the stored left half
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("JPEG", "phone.jpg"), ("TIFF", "scan.tif"), ("PNG", "page.png")])
+def test_orientation_and_resize_together(fmt: str, name: str, tmp_path: Path) -> None:
+    """A sideways 3000×2000 file (orientation 8) is turned, then shrunk to smart_resize's size of 2000×3000."""
+    # TIFF matters because Pillow's TIFF reader turns the pixels itself: they must not be stretched or turned twice.
+    path = _with_orientation(tmp_path / name, _halves((3000, 2000)), 8, fmt)
+    prepared = prepare_image(_ref(path), FLASH)
+    assert prepared.original_size == (2000, 3000)
+    h_bar, w_bar = smart_resize(3000, 2000, factor=32, min_pixels=FLASH.min_pixels, max_pixels=FLASH.max_pixels)
+    sent = _sent_image(prepared)
+    assert (prepared.width, prepared.height) == sent.size == (w_bar, h_bar)
+    assert sent.getpixel((w_bar // 2, h_bar - 20))[0] > 200  # orientation 8: the stored left half ends at the bottom
+    assert sent.getpixel((w_bar // 2, 20))[2] > 200
+
+
+def test_png_orientation_after_the_pixels_is_found(tmp_path: Path) -> None:
+    """A PNG whose eXIf chunk comes after its pixel data is still turned upright (and still verified)."""
+    path = _move_exif_after_pixels(_with_orientation(tmp_path / "late.png", _halves((300, 200)), 6, "PNG"))
+    with Image.open(path) as stored:
+        assert "exif" not in stored.info  # Pillow sees the tag only once it has decoded the pixels
+    sent = _sent_image(prepare_image(_ref(path), FLASH))
+    assert sent.size == (200, 300)
+    assert sent.getpixel((100, 20))[0] > 200
+
+
+def test_small_image_is_sent_as_its_file(tmp_path: Path) -> None:
+    """An image the provider would not shrink is sent as the file's own bytes, not re-encoded."""
+    path = _save(tmp_path / "small.jpg", (640, 480), "JPEG", quality=80)
+    prepared = prepare_image(_ref(path), FLASH)
+    assert _payload(prepared) == path.read_bytes()
+    assert prepared.original_size is None
+    assert (prepared.width, prepared.height) == (640, 480)
+
+
+def test_disabled_policy_sends_the_original(tmp_path: Path) -> None:
+    """With enabled=False a big, sideways file is sent exactly as without a policy: its bytes, its stored size."""
+    path = _with_orientation(tmp_path / "big.jpg", _noisy((3000, 2000), spread=16), 6, quality=85)
+    prepared = prepare_image(_ref(path), replace(FLASH, enabled=False))
+    assert _payload(prepared) == path.read_bytes()
+    assert (prepared.width, prepared.height, prepared.original_size) == (3000, 2000, None)
+    assert prepared == prepare_image(_ref(path))
+
+
+def test_urls_and_data_urls_are_never_resized(tmp_path: Path) -> None:
+    """A policy changes nothing for http(s) URLs and data URLs."""
+    for value in ("https://example.com/big.jpg", _data_url((3000, 2000))):
+        [ref] = parse_image_cell(value, column="image", base_dir=tmp_path)
+        assert prepare_image(ref, FLASH) == prepare_image(ref)
+        assert prepare_image(ref, FLASH).url == value
+
+
+def test_reencoding_that_grows_the_file_sends_the_original(tmp_path: Path) -> None:
+    """When the provider would shrink only by rounding and the re-encoding is bigger, the file itself is sent."""
+    path = _save(tmp_path / "q30.jpg", (1000, 1000), "JPEG", quality=30)
+    assert FLASH.target_size(1000, 1000) == (992, 992)
+    prepared = prepare_image(_ref(path), FLASH)
+    assert _payload(prepared) == path.read_bytes()
+    assert (prepared.width, prepared.height, prepared.original_size) == (1000, 1000, None)
+
+
+def _grey_document(path: Path) -> Path:
+    """A clean greyscale page (flat paper, black bars) as a 3000×4000 PNG."""
+    page = Image.new("L", (3000, 4000), 255)
+    draw = ImageDraw.Draw(page)
+    for y in range(200, 3800, 60):
+        draw.rectangle((200, y, 2800, y + 20), fill=0)
+    page.save(path, "PNG")
+    return path
+
+
+def _grey_noisy_tiff(path: Path) -> Path:
+    """A noisy greyscale 5000×3000 TIFF: above 4K, where the provider refuses TIFF."""
+    _noisy((5000, 3000), "L").save(path, "TIFF")
+    return path
+
+
+def _transparent_png(path: Path) -> Path:
+    """A 3000×2000 few-colour RGBA PNG whose left half is fully transparent."""
+    image = Image.new("RGBA", (3000, 2000), (0, 0, 0, 0))
+    image.paste((200, 30, 30, 255), (1500, 0, 3000, 2000))
+    image.save(path, "PNG")
+    return path
+
+
+def _palette_gif(path: Path) -> Path:
+    """A 3000×2000 palette GIF (a chart: few flat colours)."""
+    image = Image.new("P", (3000, 2000), 0)
+    image.putpalette([255, 255, 255, 30, 90, 200, 220, 40, 40] + [0] * 759)
+    image.paste(1, (300, 300, 1200, 1800))
+    image.paste(2, (1500, 900, 2700, 1800))
+    image.save(path, "GIF")
+    return path
+
+
+def _grey16_png(path: Path) -> Path:
+    """A 16-bit greyscale 3000×2000 PNG at half brightness (32768 of 65535)."""
+    Image.fromarray(np.full((2000, 3000), 32768, dtype=np.uint16)).save(path, "PNG")
+    return path
+
+
+def _cmyk_jpeg(path: Path) -> Path:
+    """A CMYK JPEG (print workflows) of 3000×2000."""
+    Image.new("CMYK", (3000, 2000), (0, 255, 255, 0)).save(path, "JPEG", quality=90)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "name", "mime", "mode", "pixel"),
+    [
+        (_grey_document, "doc.png", "image/png", "L", ((5, 5), 255)),
+        (_grey_noisy_tiff, "scan.tif", "image/jpeg", "L", None),
+        (_transparent_png, "alpha.png", "image/png", "RGB", ((10, 10), (255, 255, 255))),
+        (_palette_gif, "chart.gif", "image/png", "RGB", ((5, 5), (255, 255, 255))),
+        (_grey16_png, "deep.png", "image/png", "L", ((50, 50), 128)),
+        (_cmyk_jpeg, "print.jpg", "image/jpeg", "RGB", None),
+    ],
+)
+def test_reencoding_picks_a_format_and_mode_that_fit(
+    make: MakeFile, name: str, mime: str, mode: str, pixel: tuple[tuple[int, int], object] | None, tmp_path: Path
+) -> None:
+    """Clean, few-colour and palette images become PNG, noisy and JPEG sources JPEG; alpha goes white, 16 bits to 8."""
+    prepared = prepare_image(_ref(make(tmp_path / name)), FLASH)
+    sent = _sent_image(prepared)
+    assert prepared.original_size is not None
+    assert (prepared.mime, sent.mode) == (mime, mode)
+    assert Image.MIME[sent.format or ""] == mime
+    if pixel is not None:
+        position, value = pixel
+        assert sent.getpixel(position) == value
+
+
+def test_tiff_above_4k_is_refused_as_is_but_sent_resized(tmp_path: Path) -> None:
+    """The JPEG/PNG-only rule above 4K applies to what is sent: a big TIFF is fine once re-encoded."""
+    path = tmp_path / "page.tif"
+    _grey_document(tmp_path / "page.png")
+    with Image.open(tmp_path / "page.png") as page:
+        page.resize((4400, 2900)).save(path, "TIFF", compression="tiff_deflate")
+    with pytest.raises(InputRowError) as info:
+        prepare_image(_ref(path))
+    assert info.value.code == "unsupported_format"
+    prepared = prepare_image(_ref(path), FLASH)
+    assert (prepared.mime, prepared.original_size) == ("image/png", (4400, 2900))
+
+
+def test_jpeg_keeps_full_chroma_and_its_colour_profile(tmp_path: Path) -> None:
+    """A resized colour JPEG is re-encoded 4:4:4 (sharp coloured strokes) and keeps its RGB ICC profile."""
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    path = tmp_path / "colour.jpg"
+    _noisy((3000, 2000), spread=16).save(path, "JPEG", quality=90, icc_profile=icc)
+    sent = _sent_image(prepare_image(_ref(path), FLASH))
+    assert JpegImagePlugin.get_sampling(sent) == 0
+    assert sent.info.get("icc_profile") == icc
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("JPEG", "big.jpg"), ("PNG", "big.png")])
+def test_truncated_file_is_refused_with_a_policy_too(fmt: str, name: str, tmp_path: Path) -> None:
+    """The decodability check applies to the original file: a truncated big file is still an input error."""
+    path = tmp_path / name
+    _noisy((2400, 1600), spread=16).save(path, fmt, compress_level=1)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    with pytest.raises(InputRowError) as info:
+        prepare_image(_ref(path), FLASH)
+    assert info.value.code == "corrupt_image"
+
+
+def test_resizing_is_thread_safe_and_leaves_no_open_files(sized_scans: Callable[[tuple[int, int]], Path]) -> None:
+    """Concurrent resizing gives the same bytes as sequential resizing, and no file descriptor stays open."""
+    refs = [_ref(sized_scans(size)) for size in ((1701, 2479), (2563, 1999), (3001, 1501), (1900, 1500))] * 2
+    fds_before = len(os.listdir("/proc/self/fd")) if Path("/proc/self/fd").exists() else None
+    sequential = [prepare_image(ref, FLASH) for ref in refs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda ref: prepare_image(ref, FLASH), refs))
+    assert concurrent == sequential
+    assert all(p.original_size is not None for p in sequential)
+    if fds_before is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_policy_for_model_uses_the_effective_bounds() -> None:
+    """for_model takes the factor and the bounds the provider applies, overrides and high-res mode included."""
+    policy = ResizePolicy.for_model("qwen-vl-ocr", min_pixels=10_000, max_pixels=99_000_000, jpeg_quality=80)
+    spec = vision_spec("qwen-vl-ocr")
+    lower, upper = effective_pixel_bounds(spec, min_pixels=10_000, max_pixels=99_000_000)
+    assert (policy.factor, policy.min_pixels, policy.max_pixels) == (spec.factor, lower, upper)
+    assert policy.max_pixels == spec.max_pixels_limit and policy.jpeg_quality == 80
+    assert ResizePolicy.for_model("qwen3-vl-flash", high_resolution=True).max_pixels == 16_777_216
+
+
+@pytest.mark.parametrize(
+    "values", [{"jpeg_quality": 0}, {"jpeg_quality": 96}, {"factor": 0}, {"min_pixels": 10, "max_pixels": 5}]
+)
+def test_policy_refuses_impossible_values(values: dict[str, int]) -> None:
+    """A quality outside 1..95, a zero factor or min above max is a ValueError, not a silent bad upload."""
+    with pytest.raises(ValueError):
+        replace(FLASH, **values)

@@ -329,3 +329,20 @@ def test_ok_rows_of_one_job_each_sent_once(tmp_path: Path, sim, make_job) -> Non
     run_job(make_job(manifest, run={"limit": 3}))
     run_job(make_job(manifest))
     assert all(ok_requests_for(sim, r["id"]) == 1 for r in rows)
+
+
+def test_big_scan_is_resized_client_side_with_unchanged_tokens(tmp_path: Path, sim, make_job) -> None:
+    """A 12 MP scan is shrunk before sending (resize = auto) yet billed the same tokens as the original."""
+    from PIL import Image
+
+    scan = tmp_path / "scan.jpg"
+    Image.effect_noise((4000, 3000), 60).convert("RGB").save(scan, quality=75)  # ~5 MB: sendable as is too
+    manifest = write_manifest(tmp_path / "m.csv", [{"id": "s", "image": scan.name}])
+    resized = make_job(manifest, output=tmp_path / "a")
+    original = make_job(manifest, output=tmp_path / "b").model_copy(
+        update={"images": resized.images.model_copy(update={"resize": "off"})})
+    run_job(resized)
+    run_job(original)
+    expected = image_tokens(4000, 3000, "qwen3-vl-flash")
+    assert pd.read_parquet(resized.output.path).loc[0, "image_tokens"] == expected
+    assert pd.read_parquet(original.output.path).loc[0, "image_tokens"] == expected

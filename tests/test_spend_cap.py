@@ -84,3 +84,18 @@ def test_spend_cap_needs_a_price(tmp_path: Path, sim, make_job) -> None:
                    model={"name": "my-finetune"}, limits={"max_cost": 1.0})
     with pytest.raises(ConfigError, match="no price is known"):
         run_job(job)
+
+
+def test_billed_partial_answer_is_counted_in_the_row_cost(tmp_path: Path, sim, make_job, priced) -> None:
+    """A partial (x-dashscope-partialresponse) answer is billed: its cost is added to the row that was retried."""
+    rows = image_rows(tmp_path, 1)
+    rows[0]["note"] = "[[sim:partial:1]]"
+    job = make_job(write_manifest(tmp_path / "m.csv", rows), prompt={"user": "Describe row {id}. {note}"},
+                   pricing={"file": str(priced)})
+    run_job(job)
+    out = pd.read_parquet(job.output.path).iloc[0]
+    final_attempt = (out["prompt_tokens"] + out["completion_tokens"]) * 0.01
+    partial = [r for r in sim.requests if r["outcome"] == "partial"][0]
+    billed_before = (partial["prompt_tokens"] + partial["completion_tokens"]) * 0.01
+    assert out["attempts"] == 2
+    assert out["cost"] == pytest.approx(final_attempt + billed_before)
