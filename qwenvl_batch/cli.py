@@ -66,7 +66,7 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--simulate", action="store_true",
                      help="answer from the built-in simulator on 127.0.0.1 (no key, no cost, not real answers)")
     run.add_argument("--progress", choices=["auto", "bar", "lines", "off"],
-                     help="progress display (auto: a bar on a terminal, a line every 10 s otherwise)")
+                     help="progress display (auto: a bar on a terminal, a line every 5 s otherwise)")
     run.set_defaults(handler=_cmd_run)
 
 

@@ -125,7 +125,9 @@ class Limiter:
         self._learn_margin = learn_margin
         self._learn_increase = learn_increase
         self._last_increase = self._start
-        self._accepted: collections.deque[float] = collections.deque()
+        self._accepted: collections.deque[float] = collections.deque()  # successes, last 60 s
+        self._starts: collections.deque[float] = collections.deque()  # requests started, last 5 s
+        self._rejected: collections.deque[float] = collections.deque()  # 429s, last 5 s
         if requests_per_minute:
             self._set_rpm(requests_per_minute * start_fraction)
 
@@ -138,20 +140,20 @@ class Limiter:
         self._grow()
         waited = await self.requests.acquire(1.0)
         waited += await self.tokens.acquire(float(estimated_tokens))
+        _trim(self._starts, self._clock(), 5.0).append(self._clock())
         return waited
 
     def settle(self, estimated_tokens: int, actual_tokens: int | None) -> None:
         """A request succeeded: count it as accepted, and correct the token meter with the real usage."""
         now = self._clock()
-        self._accepted.append(now)
-        while self._accepted and self._accepted[0] < now - 60.0:
-            self._accepted.popleft()
+        _trim(self._accepted, now, 60.0).append(now)
         if actual_tokens is not None:
             self.tokens.adjust(float(actual_tokens - estimated_tokens))
 
     def on_throttle(self, retry_after_s: float | None) -> None:
         """A 429 came back: slow everyone down (once per cooldown), and honour Retry-After for everyone."""
         now = self._clock()
+        _trim(self._rejected, now, 5.0).append(now)
         if retry_after_s:
             self.requests.pause_until(now + retry_after_s)
             self.tokens.pause_until(now + retry_after_s)
@@ -181,11 +183,10 @@ class Limiter:
         accepted = len(self._accepted)
         if elapsed >= 60.0 and accepted >= 5:
             self.state.learned = True
-            target = accepted * self._learn_margin
-            # already below the measured limit and still throttled (a per-second limit, say): cut, else settle
-            return current * self._decrease if current is not None and current < target else target
-        if current is None:
-            return max(accepted, 1) / max(elapsed, 1.0) * 60.0 * 0.5
+            return accepted * self._learn_margin
+        if current is None:  # answers lag by the latency: count what was sent and not (yet) refused
+            not_refused = max(len(self._starts) - len(self._rejected), 1)
+            return not_refused / max(min(elapsed, 5.0), 1.0) * 60.0 * 0.5
         return current * self._decrease
 
     def _grow(self) -> None:
@@ -205,6 +206,13 @@ class Limiter:
             self._set_rpm(min(ceiling, current + ceiling * self._increase))
         else:  # probe: briskly until the limit has been measured, gently after
             self._set_rpm(current * (1 + (self._learn_increase if self.state.learned else self._increase)))
+
+
+def _trim(events: collections.deque[float], now: float, span_s: float) -> collections.deque[float]:
+    """Drop timestamps older than ``span_s``; returns the deque for chaining."""
+    while events and events[0] < now - span_s:
+        events.popleft()
+    return events
 
 
 class ByteBudget:

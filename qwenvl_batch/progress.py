@@ -47,7 +47,7 @@ class Progress:
     """Renders ``Counters``; ``mode`` is auto (bar on a TTY, lines otherwise), bar, lines or off."""
 
     def __init__(self, total: int, counters: Counters, *, mode: str = "auto", stream: TextIO | None = None,
-                 every_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 every_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.total = total
         self.counters = counters
         self.stream = stream or sys.stderr

@@ -79,11 +79,13 @@ def test_unlimited_runner_learns_the_limit_from_429s() -> None:
     clock = FakeClock()
     limiter = Limiter(requests_per_minute=None, tokens_per_minute=None, clock=clock)
     assert limiter.requests.reserve(1) == 0.0
-    for _ in range(40):  # a burst: 40 accepted in the first second
+    for _ in range(40):  # a burst: 40 started in the first second, 10 of them refused
         clock.now += 0.025
-        limiter.settle(100, 100)
-    limiter.on_throttle(None)
-    assert limiter.state.current_rpm == pytest.approx(40 * 60 * 0.5)  # half the burst rate
+        limiter._starts.append(clock.now)
+    for _ in range(9):
+        limiter._rejected.append(clock.now)
+    limiter.on_throttle(None)  # the 10th refusal
+    assert limiter.state.current_rpm == pytest.approx(30 * 60 * 0.5)  # half the rate not refused
     for _ in range(1300):  # then the server accepts 20 a second for 65 s: 1,200 in the last minute
         clock.now += 0.05
         limiter.settle(100, 100)
