@@ -17,7 +17,7 @@ import logging
 import os
 import shlex
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 from .errors import ConfigError, Interrupted, JobError
@@ -40,33 +40,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flags that override the job file: name -> add_argument keywords. `run` takes them all, `estimate` a subset.
+_OVERRIDE_FLAGS: dict[str, dict[str, Any]] = {
+    "--input": {"help": "manifest (CSV, Parquet or JSONL), relative to the current directory"},
+    "--output": {"help": "output folder (Parquet dataset), relative to the current directory"},
+    "--model": {"help": "model name, e.g. qwen3-vl-flash"},
+    "--base-url": {"help": "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (replaces region)"},
+    "--api-key-env": {"help": "environment variable that holds the API key (default DASHSCOPE_API_KEY)"},
+    "--concurrency": {"type": int, "help": "requests in flight at once"},
+    "--rpm": {"type": float, "help": "requests-per-minute limit"},
+    "--tpm": {"type": float, "help": "tokens-per-minute limit (prompt + completion)"},
+    "--max-attempts": {"type": int, "help": "attempts per row before it is recorded as an error"},
+    "--timeout": {"type": float, "help": "total seconds allowed for one request attempt"},
+    "--limit": {"type": int, "metavar": "N", "help": "only the first N rows of the manifest"},
+    "--max-cost": {"type": float, "metavar": "AMOUNT",
+                   "help": "spend cap for the output (all runs together), in the price table's currency"},
+    "--prices": {"metavar": "FILE", "help": "price file that extends/overrides the built-in prices"},
+    "--retry-failed": {"action": "store_true", "help": "send rows that ended in 'error' again"},
+    "--rerun-changed": {"action": "store_true",
+                        "help": "redo rows whose prompt, model or parameters changed since they were done"},
+    "--simulate": {"action": "store_true",
+                   "help": "answer from the built-in simulator on 127.0.0.1 (no key, no cost, not real answers)"},
+    "--progress": {"choices": ["auto", "bar", "lines", "off"],
+                   "help": "progress display (auto: a bar on a terminal, a line every 5 s otherwise)"},
+}
+
+
+def _add_overrides(parser: argparse.ArgumentParser, flags: Sequence[str]) -> None:
+    for flag in flags:
+        parser.add_argument(flag, **_OVERRIDE_FLAGS[flag])
+
+
+def _overrides(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, Any]:
+    """The override flags as config.load_job expects them (dest names; unset flags are None/False)."""
+    return {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in flags}
+
+
+_ESTIMATE_FLAGS = ["--input", "--model", "--concurrency", "--rpm", "--tpm", "--limit", "--prices"]
+
+
 def _add_run(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser(
         "run", help="run a job (resumes: rows already done are not sent again)",
         description="Run a job file. Re-running the same command resumes: rows already 'ok' are not sent again.",
     )
     run.add_argument("job", help="job file (TOML), e.g. jobs/caption.toml")
-    run.add_argument("--input", help="manifest (CSV, Parquet or JSONL), relative to the current directory")
-    run.add_argument("--output", help="output folder (Parquet dataset), relative to the current directory")
-    run.add_argument("--model", help="model name, e.g. qwen3-vl-flash")
-    run.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (replaces region)")
-    run.add_argument("--api-key-env", help="environment variable that holds the API key (default DASHSCOPE_API_KEY)")
-    run.add_argument("--concurrency", type=int, help="requests in flight at once")
-    run.add_argument("--rpm", type=float, help="requests-per-minute limit")
-    run.add_argument("--tpm", type=float, help="tokens-per-minute limit (prompt + completion)")
-    run.add_argument("--max-attempts", type=int, help="attempts per row before it is recorded as an error")
-    run.add_argument("--timeout", type=float, help="total seconds allowed for one request attempt")
-    run.add_argument("--limit", type=int, metavar="N", help="only the first N rows of the manifest")
-    run.add_argument("--max-cost", type=float, metavar="AMOUNT",
-                     help="spend cap for the output (all runs together), in the price table's currency")
-    run.add_argument("--prices", metavar="FILE", help="price file that extends/overrides the built-in prices")
-    run.add_argument("--retry-failed", action="store_true", help="send rows that ended in 'error' again")
-    run.add_argument("--rerun-changed", action="store_true",
-                     help="redo rows whose prompt, model or parameters changed since they were done")
-    run.add_argument("--simulate", action="store_true",
-                     help="answer from the built-in simulator on 127.0.0.1 (no key, no cost, not real answers)")
-    run.add_argument("--progress", choices=["auto", "bar", "lines", "off"],
-                     help="progress display (auto: a bar on a terminal, a line every 5 s otherwise)")
+    _add_overrides(run, list(_OVERRIDE_FLAGS))
     run.set_defaults(handler=_cmd_run)
 
 
@@ -98,13 +117,7 @@ def _add_estimate(commands: argparse._SubParsersAction) -> None:
         description="Estimate a job from the manifest and image headers only: nothing is sent, nothing is written.",
     )
     est.add_argument("job", help="job file (TOML), e.g. jobs/caption.toml")
-    est.add_argument("--input", help="manifest (CSV, Parquet or JSONL), relative to the current directory")
-    est.add_argument("--model", help="model name, e.g. qwen3-vl-flash")
-    est.add_argument("--concurrency", type=int, help="requests in flight at once")
-    est.add_argument("--rpm", type=float, help="requests-per-minute limit")
-    est.add_argument("--tpm", type=float, help="tokens-per-minute limit (prompt + completion)")
-    est.add_argument("--limit", type=int, metavar="N", help="only the first N rows of the manifest")
-    est.add_argument("--prices", metavar="FILE", help="price file that extends/overrides the built-in prices")
+    _add_overrides(est, _ESTIMATE_FLAGS)
     est.add_argument("--typical-completion-tokens", type=int, metavar="N",
                      help="answer length behind the low cost (default: min(max_tokens, 150), a short caption; "
                           "raise it for OCR or long answers)")
@@ -127,10 +140,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .config import load_job
     from .runner import run_job
 
-    overrides = {name: getattr(args, name) for name in (
-        "input", "output", "model", "base_url", "api_key_env", "concurrency", "rpm", "tpm", "max_attempts",
-        "timeout", "limit", "max_cost", "prices", "retry_failed", "rerun_changed", "simulate", "progress")}
-    job = load_job(args.job, overrides)
+    job = load_job(args.job, _overrides(args, list(_OVERRIDE_FLAGS)))
     if job.run.simulate:
         print("qwenvl-batch: --simulate: answers come from the built-in SIMULATOR, not the real service",
               file=sys.stderr)
@@ -176,9 +186,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     from .config import load_job
     from .estimate import estimate_job, render_estimate
 
-    overrides = {name: getattr(args, name) for name in ("input", "model", "concurrency", "rpm", "tpm", "limit",
-                                                        "prices")}
-    job = load_job(args.job, overrides)
+    job = load_job(args.job, _overrides(args, _ESTIMATE_FLAGS))
     estimate = estimate_job(job, prices=job.price_table(), typical_completion_tokens=args.typical_completion_tokens,
                             assumed_latency_s=args.latency)
     print(render_estimate(estimate, args.format))

@@ -41,7 +41,7 @@ import numpy as np
 from . import tokens
 from .config import JobConfig
 from .errors import ConfigError, InputRowError
-from .manifest import Manifest, limited_batches, open_manifest
+from .manifest import Manifest, limited_batches, open_manifest, require_columns
 from .media import ImageInfo, ImageRef, ResizePolicy, probe_image
 from .pricing import ModelPrice, PriceTable, row_cost
 from .prompt import RenderedRow, RowRenderer, template_fields
@@ -152,7 +152,7 @@ def estimate_rows(job: JobConfig) -> Iterator[RowEstimate]:
     before its rows are counted, and each resolved path is probed once for the whole run.
     """
     manifest = open_manifest(job.input.path, job.input.format)
-    _check_columns(job, manifest)
+    require_columns(manifest, job.input.id_column, job.input.image_columns)
     renderer = RowRenderer(job, manifest.columns, job.input.path.resolve().parent)
     counter = _TokenCounter(job)
     with ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="qwenvl-probe") as pool:
@@ -162,17 +162,6 @@ def estimate_rows(job: JobConfig) -> Iterator[RowEstimate]:
             prober.prefetch(ref for row in rendered if row.error is None for ref in row.images)
             for row in rendered:
                 yield counter.row(row, prober)
-
-
-def _check_columns(job: JobConfig, manifest: Manifest) -> None:
-    """The runner's column check, so that a wrong job file fails here with the same message, not a KeyError."""
-    wanted = [job.input.id_column, *job.input.image_columns]
-    missing = [c for c in wanted if c not in manifest.columns]
-    if missing:
-        raise ConfigError(
-            f"{manifest.path}: no column {', '.join(repr(m) for m in missing)} (columns: "
-            f"{', '.join(manifest.columns)}); set [input] id_column / image_columns in the job file"
-        )
 
 
 def _needed_columns(job: JobConfig, manifest: Manifest) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -124,6 +124,16 @@ def _rebatch(reader: Iterator[pa.RecordBatch], batch_rows: int) -> Iterator[pa.R
 
 _SCHEMAS = {"csv": _csv_schema, "parquet": _parquet_schema, "jsonl": _jsonl_schema}
 _READERS = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl}
+
+
+def require_columns(manifest: Manifest, id_column: str, image_columns: Sequence[str]) -> None:
+    """The id and image columns must exist; the message lists the columns the manifest does have."""
+    missing = [c for c in (id_column, *image_columns) if c not in manifest.columns]
+    if missing:
+        raise ConfigError(
+            f"{manifest.path}: no column {', '.join(repr(m) for m in missing)} (columns: "
+            f"{', '.join(manifest.columns)}); set [input] id_column / image_columns in the job file"
+        )
 
 
 def id_strings(column: pa.Array | pa.ChunkedArray) -> np.ndarray:

@@ -37,7 +37,7 @@ from .config import JobConfig
 from .config import is_stream_only
 from .errors import ConfigError, InputRowError, Interrupted, JobError, SpendCapReached
 from .limits import ByteBudget, Limiter, SpendMeter
-from .manifest import IdTracker, Manifest, id_strings, limited_batches, open_manifest
+from .manifest import IdTracker, Manifest, id_strings, limited_batches, open_manifest, require_columns
 from .media import PreparedImage, ResizePolicy, prepare_image, redact_data_url
 from .policy import Action, Decision, PartialResponseError, backoff_s, classify
 from .pricing import ModelPrice, PriceTable, row_cost
@@ -180,7 +180,7 @@ class JobRun:
         self.job = job
         self.base_url = base_url
         self.manifest = open_manifest(job.input.path, job.input.format)
-        self._check_columns()
+        require_columns(self.manifest, job.input.id_column, job.input.image_columns)
         self.renderer = RowRenderer(job, self.manifest.columns, job.input.path.resolve().parent)
         self.store = OutputStore(job.output.path, output_schema(self.manifest.schema), job.input.id_column)
         self.price: ModelPrice | None = (prices or job.price_table()).lookup(job.model.name, job.model.region)
@@ -196,16 +196,6 @@ class JobRun:
         self.resize = job.resize_policy()
         # Decoding and resizing a 24 MP scan takes ~100 MB for a moment: a few at a time, not one per worker.
         self.preparing = asyncio.Semaphore(max(2, os.cpu_count() or 2))
-
-    def _check_columns(self) -> None:
-        columns = set(self.manifest.columns)
-        wanted = [self.job.input.id_column, *self.job.input.image_columns]
-        missing = [c for c in wanted if c not in columns]
-        if missing:
-            raise ConfigError(
-                f"{self.manifest.path}: no column {', '.join(repr(m) for m in missing)} (columns: "
-                f"{', '.join(self.manifest.columns)}); set [input] id_column / image_columns in the job file"
-            )
 
     # -- the run --------------------------------------------------------------------------------------------
     async def run(self) -> RunSummary:
