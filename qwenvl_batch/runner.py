@@ -192,6 +192,7 @@ class JobRun:
         self.counters = Counters()
         self._stop_reason: BaseException | None = None
         self._stop_event: asyncio.Event | None = None
+        self._hard_stop = False
         self._image_columns = [c for c in job.input.image_columns if c in self.manifest.columns]
         self.resize = job.resize_policy()
         # Decoding and resizing a 24 MP scan takes ~100 MB for a moment: a few at a time, not one per worker.
@@ -216,6 +217,10 @@ class JobRun:
         try:
             with self._signals():
                 await self._dispatch(plan, _Workers(self, client, limiter, writer, progress))
+        except asyncio.CancelledError:
+            if not self._hard_stop:
+                raise
+            asyncio.current_task().uncancel()  # a second Ctrl-C: skip the grace period, still commit below
         finally:
             progress.close()
             await client.close()
@@ -234,19 +239,19 @@ class JobRun:
         feeder = asyncio.create_task(self._feed(plan, queue))
         tasks = [asyncio.create_task(workers.loop(queue)) for _ in range(self.job.limits.concurrency)]
         stop_wait = asyncio.create_task(self._stop_event.wait())
-        pending: set[asyncio.Task[Any]] = set(tasks)
-        while pending and not self._stop_event.is_set():
-            _, pending = await asyncio.wait(pending | {stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            pending.discard(stop_wait)
-        if self._stop_event.is_set():
-            feeder.cancel()
-            grace = self.job.limits.grace_s
-            _, still = await asyncio.wait(tasks, timeout=grace) if grace else (set(), set(tasks))
-            for task in still:
+        try:
+            pending: set[asyncio.Task[Any]] = set(tasks)
+            while pending and not self._stop_event.is_set():
+                _, pending = await asyncio.wait(pending | {stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(stop_wait)
+            if self._stop_event.is_set() and self.job.limits.grace_s:
+                feeder.cancel()
+                await asyncio.wait(tasks, timeout=self.job.limits.grace_s)
+        finally:  # whatever is still running now (past the grace period, or a second Ctrl-C) is cancelled
+            children = [feeder, stop_wait, *tasks]
+            for task in children:
                 task.cancel()
-            await asyncio.gather(*still, return_exceptions=True)
-        stop_wait.cancel()
-        await asyncio.gather(feeder, stop_wait, return_exceptions=True)
+            await asyncio.gather(*children, return_exceptions=True)
 
     async def _feed(self, plan: Plan, queue: asyncio.Queue[_Item | None]) -> None:
         """Reader: the rows to do, in manifest order, into the bounded queue (batch reads happen in a thread)."""
@@ -284,12 +289,14 @@ class JobRun:
         installed: list[int] = []
         first_signal: list[int] = []
 
+        main_task = asyncio.current_task()
+
         def on_signal(signum: int) -> None:
             if first_signal:
                 # A second Ctrl-C: give up on the grace period; what is committed stays intact.
-                for task in asyncio.all_tasks(loop):
-                    if task is not asyncio.current_task(loop):
-                        task.cancel()
+                self._hard_stop = True
+                if main_task is not None:
+                    main_task.cancel()
                 return
             first_signal.append(signum)
             name = signal.Signals(signum).name

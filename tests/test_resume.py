@@ -119,3 +119,28 @@ def test_sigterm_exits_143(tmp_path: Path, slow_sim: SimulatorThread) -> None:
     output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 143, output
     assert os.path.isdir(tmp_path / "out.parquet")
+
+
+def test_second_ctrl_c_exits_at_once_keeping_commits(tmp_path: Path) -> None:
+    """A second SIGINT skips the grace period: exit 130 in about a second, committed rows intact and readable."""
+    with SimulatorThread(SimulatorConfig(latency_s=0.05)) as fast_then_slow:
+        job_path = _write_job(tmp_path, fast_then_slow.base_url)
+        job_path.write_text(job_path.read_text().replace("grace_s = 5", "grace_s = 60")
+                            .replace('user = "Describe row {id}."', 'user = "Describe row {id}. {note}"'))
+        rows = image_rows(tmp_path, ROWS)
+        for row in rows[20:]:
+            row["note"] = "[[sim:hang]]"  # from row 20 on, requests never answer
+        write_manifest(tmp_path / "m.csv", rows)
+        proc = _start(job_path)
+        _wait_for_requests(fast_then_slow, proc, 24)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - started
+    assert proc.returncode == 130, output
+    assert elapsed < 10  # not the 60 s grace period
+    done = load_results(tmp_path / "out.parquet")
+    assert len(done) == 20 and (done["status"] == "ok").all()
