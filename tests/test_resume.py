@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 
 from qwenvl_batch import load_job, load_results, run_job
+from qwenvl_batch.cli import main
 from qwenvl_batch.simulator import SimulatorConfig, SimulatorThread
 
 from conftest import image_rows, ok_requests_for, write_manifest
@@ -66,7 +68,8 @@ def slow_sim():
         yield server
 
 
-def test_kill_9_mid_run_then_resume_pays_nothing_twice(tmp_path: Path, slow_sim: SimulatorThread) -> None:
+def test_kill_9_mid_run_then_resume_pays_nothing_twice(tmp_path: Path, slow_sim: SimulatorThread,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """After kill -9, committed rows survive; the re-run sends only the rest and ends with one row per id."""
     job_path = _write_job(tmp_path, slow_sim.base_url)
     proc = _start(job_path)
@@ -77,6 +80,9 @@ def test_kill_9_mid_run_then_resume_pays_nothing_twice(tmp_path: Path, slow_sim:
     committed_ok = set(committed.loc[committed["status"] == "ok", "id"])
     assert len(committed_ok) >= 30  # what the runner had received was durable at the kill
     assert len(committed) < ROWS
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "out.parquet"), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == len(committed)  # the report reads the journal too
 
     summary = run_job(load_job(job_path))
     out = pd.read_parquet(tmp_path / "out.parquet")
