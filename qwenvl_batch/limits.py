@@ -93,7 +93,9 @@ class Limiter:
 
     With no request limit configured, nothing is metered until the first 429. From then on the rate is set from
     what the server actually accepted over the last minute (``learn_margin`` below it) — a measurement of the
-    limit, not a guess — and probes upwards by ``learn_increase`` x itself per ``recover_s``.
+    limit, not a guess — and probes upwards by ``learn_increase`` x itself per ``recover_s``. The first 429
+    (before a minute has passed) sets half the rate that was sent and not refused, since providers allow short
+    bursts of about twice their per-second rate.
     """
 
     def __init__(
@@ -204,8 +206,8 @@ class Limiter:
         self._last_increase = now
         if ceiling:
             self._set_rpm(min(ceiling, current + ceiling * self._increase))
-        else:  # probe: briskly until the limit has been measured, gently after
-            self._set_rpm(current * (1 + (self._learn_increase if self.state.learned else self._increase)))
+        else:  # probe gently: a per-minute window overshot early is paid for with a minute of 429s
+            self._set_rpm(current * (1 + self._learn_increase))
 
 
 def _trim(events: collections.deque[float], now: float, span_s: float) -> collections.deque[float]:
