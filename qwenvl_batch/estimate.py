@@ -476,7 +476,7 @@ def _completion_line(estimate: Estimate) -> str:
 
 def _cost_line(estimate: Estimate) -> str:
     if estimate.unpriced_model:
-        return f"unknown: no price for model {estimate.unpriced_model!r} (see README 'Prices')"
+        return f"unknown: no price for model {estimate.unpriced_model!r} (see README 'Cost')"
     if estimate.cost_low is None:
         return "unknown"
     currency = estimate.currency or ""

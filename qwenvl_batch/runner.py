@@ -33,8 +33,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from . import tokens
 from .client import ChatClient, Completion
-from .config import JobConfig
-from .config import is_stream_only
+from .config import JobConfig, is_stream_only
 from .errors import ConfigError, InputRowError, Interrupted, JobError, SpendCapReached
 from .limits import ByteBudget, Limiter, SpendMeter
 from .manifest import IdTracker, Manifest, id_strings, limited_batches, open_manifest, require_columns
@@ -101,7 +100,7 @@ class RunSummary:
         if self.cost is not None:
             out.append(f"cost this run: {self.cost:.4f} {self.currency or ''}".rstrip())
         elif self.unpriced_model:
-            out.append(f"cost: no price known for model {self.unpriced_model!r} (see README 'Prices')")
+            out.append(f"cost: no price known for model {self.unpriced_model!r} (see README 'Cost')")
         if self.retries:
             out.append("retries: " + ", ".join(f"{k}={v:,}" for k, v in sorted(self.retries.items())))
         if self.error_types:
@@ -187,7 +186,7 @@ class JobRun:
         if job.limits.max_cost is not None and self.price is None:
             raise ConfigError(
                 f"[limits] max_cost is set, but no price is known for model {job.model.name!r}, so spend cannot be "
-                "capped; add its price with [pricing] file / --prices FILE (see README 'Prices')"
+                "capped; add its price with [pricing] file / --prices FILE (see README 'Cost')"
             )
         self.counters = Counters()
         self._stop_reason: BaseException | None = None
