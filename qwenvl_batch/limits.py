@@ -201,6 +201,11 @@ class Limiter:
             progress = min(1.0, (now - self._start) / self._ramp_s) if self._ramp_s else 1.0
             self._set_rpm(ceiling * (self._start_fraction + (1 - self._start_fraction) * progress))
             return
+        if not ceiling and not self.state.learned and now - self._start >= 60.0 and len(self._accepted) >= 5:
+            # A 429 came within the last minute, so that minute's window was full: what it accepted is the limit.
+            self.state.learned = True
+            self._set_rpm(max(current, len(self._accepted) * self._learn_margin))
+            return
         if now - self._last_increase < self._recover_s or now - self.state.last_throttle_at < self._recover_s:
             return
         self._last_increase = now

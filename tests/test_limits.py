@@ -124,3 +124,18 @@ def test_byte_budget_bounds_bytes_in_flight() -> None:
         return events
 
     assert asyncio.run(scenario()) == ["still waiting", "second in", "peak 500"]
+
+
+def test_learned_after_a_minute_even_without_another_429() -> None:
+    """A minute after an early 429, the accepted count of that minute sets the rate (if above the current one)."""
+    clock = FakeClock()
+    limiter = Limiter(requests_per_minute=None, tokens_per_minute=None, clock=clock)
+    limiter._starts.extend([clock.now] * 10)
+    limiter.on_throttle(None)
+    low = limiter.state.current_rpm
+    assert low is not None and low < 600
+    for _ in range(1300):  # the server accepts 20 a second (1,200 a minute) for 65 s
+        clock.now += 0.05
+        limiter.settle(100, 100)
+    limiter._grow()
+    assert limiter.state.learned and limiter.state.current_rpm == pytest.approx(1200 * 0.95, rel=0.01)
