@@ -323,8 +323,9 @@ class ResultWriter:
     """Appends result rows to the journal from a thread of its own, so disk I/O never stalls the event loop.
 
     ``put`` is called from the event loop and only enqueues. The thread writes whatever has queued up as one
-    record batch and flushes it at once (so a result is durable within milliseconds of arriving), fsyncs at most
-    once a second, and folds the segment into a Parquet part every ``fold_rows`` rows.
+    record batch and flushes it at once (so a result survives a crash of this process within milliseconds of
+    arriving), fsyncs at most a second later (so it survives a power cut too), and folds the segment into a
+    Parquet part every ``fold_rows`` rows.
     """
 
     _CLOSE = object()
@@ -342,6 +343,7 @@ class ResultWriter:
         self._sink: pa.OSFile | None = None
         self._ipc: ipc.RecordBatchStreamWriter | None = None
         self._last_fsync = 0.0
+        self._dirty = False
 
     def start(self) -> "ResultWriter":
         self._thread.start()
@@ -374,7 +376,12 @@ class ResultWriter:
 
     def _drain(self) -> tuple[list[dict[str, Any]], bool]:
         rows: list[dict[str, Any]] = []
-        item = self._queue.get()
+        while True:  # wait for work; a quiet second is the time to fsync what was flushed but not yet synced
+            try:
+                item = self._queue.get(timeout=self.fsync_every_s)
+                break
+            except queue.Empty:
+                self._sync()
         while True:
             if item is self._CLOSE:
                 return rows, True
@@ -394,14 +401,20 @@ class ResultWriter:
             self._segment_rows = 0
         self._ipc.write_batch(pa.RecordBatch.from_pylist(rows, schema=self.store.schema))
         self._sink.flush()
-        now = time.monotonic()
-        if now - self._last_fsync >= self.fsync_every_s:
-            os.fsync(self._sink.fileno())
-            self._last_fsync = now
+        self._dirty = True
+        if time.monotonic() - self._last_fsync >= self.fsync_every_s:
+            self._sync()
         self._segment_rows += len(rows)
         self.rows_written += len(rows)
         if self._segment_rows >= self.store.fold_rows:
             self._fold()
+
+    def _sync(self) -> None:
+        """fsync the journal (survives a power cut, not only a crash) if anything was written since the last."""
+        if self._dirty and self._sink is not None:
+            os.fsync(self._sink.fileno())
+            self._dirty = False
+        self._last_fsync = time.monotonic()
 
     def _fold(self) -> None:
         if self._ipc is None:
@@ -410,6 +423,7 @@ class ResultWriter:
         os.fsync(self._sink.fileno())
         self._sink.close()
         self._ipc = self._sink = None
+        self._dirty = False
         segment = self.store.journal_dir / f"seg-{self._seq:06d}.arrows"
         self.store._fold_segment(self._seq, segment)
 
