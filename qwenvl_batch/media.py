@@ -206,6 +206,10 @@ class ResizePolicy:
     """``resize = "auto"`` in the job file; False (``"off"``) sends every file's original bytes, as without a policy."""
     jpeg_quality: int = 90
     """Quality of the JPEG re-encoding (1..95; above 95 Pillow's own docs say the file grows for no visible gain)."""
+    min_shrink: float = 1.5
+    """Resize only images with at least this many times the target's pixels. Below it the saving is a few
+    percent of the bytes (the provider rounding 400x300 to 416x288, say) and not worth a decode, a resample and
+    a re-encode: for small images that work is most of the runner's CPU per request."""
 
     def __post_init__(self) -> None:
         if self.factor < 1 or not 1 <= self.min_pixels <= self.max_pixels:
@@ -226,6 +230,7 @@ class ResizePolicy:
         max_pixels: int | None = None,
         enabled: bool = True,
         jpeg_quality: int = 90,
+        min_shrink: float = 1.5,
     ) -> ResizePolicy:
         """The policy for requests to ``model`` with the job's ``vl_high_resolution_images`` and pixel overrides."""
         spec = tokens.vision_spec(model)
@@ -238,20 +243,24 @@ class ResizePolicy:
             max_pixels=upper,
             enabled=enabled,
             jpeg_quality=jpeg_quality,
+            min_shrink=min_shrink,
         )
 
     def target_size(self, width: int, height: int) -> tuple[int, int] | None:
         """The (width, height) to send instead of ``width`` x ``height``, or None to send the image as it is.
 
         None when the provider would not shrink the image (it keeps it, or enlarges it: enlarging is its job,
-        since a bigger upload buys nothing), when the shape is one the provider refuses (the caller reports
-        that), and in the corner cases where the provider would resize the resized image *again* (an extreme
+        since a bigger upload buys nothing) or would shrink it by less than ``min_shrink``, when the shape is one
+        the provider refuses (the caller reports that), and in the corner cases where the provider would resize the resized image *again* (an extreme
         aspect ratio, where smart resize clamps a side to ``factor``): sending the original there is the only
         way to be sure the tokens are unchanged.
         """
         try:
             h_bar, w_bar = self._smart_resize(height, width)
-            if h_bar * w_bar >= height * width or self._smart_resize(h_bar, w_bar) != (h_bar, w_bar):
+            pixels, target = height * width, h_bar * w_bar
+            if pixels <= target or pixels < self.min_shrink * target:
+                return None
+            if self._smart_resize(h_bar, w_bar) != (h_bar, w_bar):
                 return None
         except tokens.ImageSizeError:
             return None

@@ -439,7 +439,8 @@ def test_redaction_leaves_plain_references_unchanged(value: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ resizing
 
-FLASH = ResizePolicy.for_model("qwen3-vl-flash")
+# min_shrink=1.0: these tests check the resizing itself, down to shrinks by rounding alone.
+FLASH = ResizePolicy.for_model("qwen3-vl-flash", min_shrink=1.0)
 
 
 def _noisy(size: tuple[int, int], mode: str = "RGB", spread: int = 64, seed: int = 0) -> Image.Image:
@@ -539,8 +540,9 @@ def sized_scans(tmp_path_factory: pytest.TempPathFactory) -> Callable[[tuple[int
 def test_target_size_is_a_fixed_point_that_keeps_the_tokens(
     model: str, options: dict[str, Any], width: int, height: int
 ) -> None:
-    """A target size is smaller, is what smart_resize gives, is left alone by smart_resize, and keeps the tokens."""
-    policy = ResizePolicy.for_model(model, **options)
+    """A target size is smaller, is what smart_resize gives, is left alone by smart_resize, and keeps the tokens;
+    images the provider would shrink by less than ``min_shrink`` are sent as they are."""
+    policy = ResizePolicy.for_model(model, min_shrink=1.0, **options)
 
     def provider(h: int, w: int) -> tuple[int, int] | None:
         """The provider's (h_bar, w_bar), or None where it refuses the shape."""
@@ -553,8 +555,8 @@ def test_target_size_is_a_fixed_point_that_keeps_the_tokens(
     targets = 0
     for w, h in sizes:
         target, bars = policy.target_size(w, h), provider(h, w)
-        if target is None:  # only where the provider would not shrink, or would refuse or resize again
-            assert bars is None or bars[0] * bars[1] >= h * w or provider(*bars) != bars
+        if target is None:  # only where the provider would not shrink much, or would refuse or resize again
+            assert bars is None or bars[0] * bars[1] * policy.min_shrink > h * w or provider(*bars) != bars
             continue
         targets += 1
         assert bars is not None and target == (bars[1], bars[0]) and bars[0] * bars[1] < w * h
@@ -576,7 +578,7 @@ def test_resized_file_keeps_the_tokens(
     model: str, options: dict[str, Any], size: tuple[int, int], sized_scans: Callable[[tuple[int, int]], Path]
 ) -> None:
     """A big file is sent at exactly smart_resize's size, and the image tokens equal the original's."""
-    policy = ResizePolicy.for_model(model, **options)
+    policy = ResizePolicy.for_model(model, min_shrink=1.0, **options)
     prepared = prepare_image(_ref(sized_scans(size)), policy)
     width, height = size
     spec = vision_spec(model)
@@ -590,7 +592,7 @@ def test_resized_file_keeps_the_tokens(
 def test_24mp_scan_keeps_its_tokens_and_shrinks_at_least_5x(scan_24mp: Path) -> None:
     """A 6000×4000 noisy scan goes at smart_resize's size: ≥ 5× smaller for flash (2.6 MP), ≥ 2× for OCR."""
     for model, shrink in (("qwen3-vl-flash", 5), ("qwen-vl-ocr", 2)):
-        policy = ResizePolicy.for_model(model)
+        policy = ResizePolicy.for_model(model, min_shrink=1.0)
         prepared = prepare_image(_ref(scan_24mp), policy)
         h_bar, w_bar = smart_resize(4000, 6000, factor=32, min_pixels=policy.min_pixels,
                                     max_pixels=policy.max_pixels)
@@ -806,7 +808,8 @@ def test_resizing_is_thread_safe_and_leaves_no_open_files(sized_scans: Callable[
 
 def test_policy_for_model_uses_the_effective_bounds() -> None:
     """for_model takes the factor and the bounds the provider applies, overrides and high-res mode included."""
-    policy = ResizePolicy.for_model("qwen-vl-ocr", min_pixels=10_000, max_pixels=99_000_000, jpeg_quality=80)
+    policy = ResizePolicy.for_model("qwen-vl-ocr", min_pixels=10_000, max_pixels=99_000_000, jpeg_quality=80,
+                                    min_shrink=1.0)
     spec = vision_spec("qwen-vl-ocr")
     lower, upper = effective_pixel_bounds(spec, min_pixels=10_000, max_pixels=99_000_000)
     assert (policy.factor, policy.min_pixels, policy.max_pixels) == (spec.factor, lower, upper)
@@ -821,3 +824,12 @@ def test_policy_refuses_impossible_values(values: dict[str, int]) -> None:
     """A quality outside 1..95, a zero factor or min above max is a ValueError, not a silent bad upload."""
     with pytest.raises(ValueError):
         replace(FLASH, **values)
+
+
+def test_small_shrinks_are_not_worth_a_reencode(tmp_path: Path) -> None:
+    """By default an image the provider would shrink only a little (400x300 → 416x288) is sent byte for byte."""
+    default = ResizePolicy.for_model("qwen3-vl-flash")
+    path = _save(tmp_path / "small.jpg", (400, 300), "JPEG")
+    assert default.target_size(400, 300) is None and default.target_size(4000, 3000) is not None
+    prepared = prepare_image(_ref(path), default)
+    assert _payload(prepared) == path.read_bytes() and prepared.original_size is None
