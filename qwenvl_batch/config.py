@@ -127,7 +127,7 @@ class LimitsConfig(_Section):
     retry_max_s: float = Field(default=60.0, ge=0)
     grace_s: float = Field(default=10.0, ge=0)
     max_cost: float | None = Field(default=None, ge=0)
-    http_client: Literal["httpx", "aiohttp"] = "httpx"
+    http_client: Literal["auto", "httpx", "aiohttp"] = "auto"
     max_inflight_mb: float = Field(default=512.0, gt=0)
 
 

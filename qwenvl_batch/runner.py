@@ -46,6 +46,7 @@ from .store import OutputStore, ResumeIndex, ResultWriter, output_schema
 
 log = logging.getLogger(__name__)
 
+INLINE_PREPARE_BYTES = 256 * 1024  # images up to this size (base64) are prepared on the event loop
 EXPECTED_COMPLETION_TOKENS = 256  # rate-limiter guess when max_tokens is unset; corrected by real usage
 WORST_CASE_COMPLETION_TOKENS = 8192  # spend-cap worst case when max_tokens is unset (Qwen-VL's usual max output)
 WORST_CASE_THINKING_TOKENS = 32768  # thinking is not bounded by max_tokens; thinking_budget bounds it when set
@@ -376,14 +377,22 @@ class _Workers:
         reserved = _local_image_bytes(rendered)
         await self.run.image_bytes.acquire(reserved)  # bounds image bytes in memory, not only requests
         try:
-            return await self._process_rendered(row, rendered)
+            return await self._process_rendered(row, rendered, reserved)
         finally:
             self.run.image_bytes.release(reserved)
 
-    async def _process_rendered(self, row: dict[str, Any], rendered: RenderedRow) -> dict[str, Any] | None:
+    async def _prepare(self, rendered: RenderedRow, file_bytes: int) -> list[PreparedImage]:
+        """Read, check and encode the row's images: small ones right here (a thread hop costs more than the work),
+        big ones in a worker thread so the event loop keeps serving the other requests."""
+        if file_bytes <= INLINE_PREPARE_BYTES:
+            return _prepare_all(rendered, self.run.resize)
+        async with self.run.preparing:
+            return await asyncio.to_thread(_prepare_all, rendered, self.run.resize)
+
+    async def _process_rendered(self, row: dict[str, Any], rendered: RenderedRow,
+                                reserved: int) -> dict[str, Any] | None:
         try:
-            async with self.run.preparing:
-                images = await asyncio.to_thread(_prepare_all, rendered, self.run.resize)
+            images = await self._prepare(rendered, reserved)
         except InputRowError as exc:
             return self.error_row(row, rendered, "input", exc.code, str(exc), attempts=0)
         messages = build_messages(rendered, images, min_pixels=self.job.model.min_pixels,
