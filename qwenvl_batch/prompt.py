@@ -132,6 +132,18 @@ def fingerprint_hex(values: np.ndarray) -> list[str]:
     return [format(value, "016x") for value in values.tolist()]
 
 
+def fingerprints_of(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """The output's fingerprint column (16-char hex strings) as uint64, without a Python string per row."""
+    values = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    values = values.fill_null("0" * 16)
+    if len(values) and pc.all(pc.equal(pc.utf8_length(values), 16)).as_py():
+        offsets, data = values.buffers()[1], values.buffers()[2]
+        start = int(np.frombuffer(offsets, dtype=np.int32)[values.offset])  # every value is 16 chars: contiguous
+        text = data.to_pybytes()[start: start + 16 * len(values)].decode("ascii")
+        return np.frombuffer(bytes.fromhex(text), dtype=">u8").astype(np.uint64)
+    return parse_fingerprints(values.to_pylist())
+
+
 def parse_fingerprints(values: Iterable[str | None]) -> np.ndarray:
     """Hex fingerprints back to uint64 (vectorised: one bytes.fromhex over all of them); None → 0."""
     text = "".join(value if value and len(value) == 16 else "0" * 16 for value in values)

@@ -30,19 +30,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 - makes pa.compute available
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from . import __version__
 from .errors import ConfigError, JobError
 from .manifest import hash_ids, id_strings
-from .prompt import parse_fingerprints
+from .prompt import fingerprints_of
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,9 @@ RESULT_FIELDS: list[pa.Field] = [
 ]
 RESULT_COLUMNS = [field.name for field in RESULT_FIELDS]
 
-FOLD_ROWS = 100_000
+FOLD_ROWS = 100_000  # rows per part (a 10^6-row output is ~10 files)
+ROW_GROUP_ROWS = 50_000
+FOLD_BYTES = 128 * 1024 * 1024  # also fold a journal segment this big (one-row batches carry ~2 KB of framing)
 _PART = re.compile(r"^part-(\d{6,})\.parquet$")
 _SEGMENT = re.compile(r"^seg-(\d{6,})\.arrows$")
 
@@ -99,26 +101,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_segment(path: Path) -> pa.Table | None:
-    """All complete record batches of a journal segment; a torn last batch (kill -9 mid-write) is dropped."""
-    batches: list[pa.RecordBatch] = []
-    schema = None
+def iter_segment(path: Path) -> Iterator[pa.RecordBatch]:
+    """The complete record batches of a journal segment; a torn last batch (kill -9 mid-write) is dropped."""
+    count = 0
     try:
         with pa.OSFile(str(path), "rb") as source:
             reader = ipc.open_stream(source)
-            schema = reader.schema
             while True:
                 try:
-                    batches.append(reader.read_next_batch())
+                    batch = reader.read_next_batch()
                 except StopIteration:
-                    break
+                    return
+                count += 1
+                yield batch
     except (pa.ArrowInvalid, OSError) as exc:
-        if schema is None:
-            log.warning("journal segment %s has no readable header (%s); it held no complete result", path, exc)
-            return None
-        log.warning("journal segment %s ends with a torn write (%s); kept %d complete batches", path, exc,
-                    len(batches))
-    return pa.Table.from_batches(batches, schema=schema)
+        log.warning("journal segment %s ends with a torn write (%s); kept %d complete batches", path, exc, count)
+
+
+def read_segment(path: Path, schema: pa.Schema) -> pa.Table:
+    """A journal segment as one table (for readers of small, unfolded journals)."""
+    return pa.Table.from_batches(list(iter_segment(path)), schema=schema)
+
+
+def _row_groups(batches: Iterable[pa.RecordBatch], schema: pa.Schema, rows: int) -> Iterator[pa.Table]:
+    """Re-cut a stream of (often one-row) batches into tables of about ``rows`` rows, cast to ``schema``."""
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        if batch.schema != schema:
+            batch = batch.cast(schema)
+        pending.append(batch)
+        count += batch.num_rows
+        if count >= rows:
+            yield pa.Table.from_batches(pending, schema=schema).combine_chunks()
+            pending, count = [], 0
+    if pending:
+        yield pa.Table.from_batches(pending, schema=schema).combine_chunks()
 
 
 @dataclass(frozen=True)
@@ -225,16 +243,23 @@ class OutputStore:
     def _fold_segment(self, seq: int, segment: Path) -> None:
         """Journal segment → part with the same number, then drop the segment (safe to repeat after a crash)."""
         if not self.part_path(seq).exists():
-            table = read_segment(segment)
-            if table is not None and table.num_rows:
-                self._write_part(table.cast(self.schema) if table.schema != self.schema else table, seq)
+            self._write_part(iter_segment(segment), seq)
         segment.unlink()
         _fsync_dir(self.journal_dir)
 
-    def _write_part(self, table: pa.Table, seq: int) -> Path:
+    def _write_part(self, batches: Iterable[pa.RecordBatch], seq: int) -> Path | None:
+        """Write batches as part ``seq``, streamed in row groups (memory: one row group, whatever the part's size);
+        hidden temporary file, fsync, atomic rename. Nothing is written for no rows."""
         final = self.part_path(seq)
         tmp = self.path / f".part-{seq:06d}.parquet.tmp"
-        pq.write_table(table, tmp, compression="zstd", row_group_size=50_000)
+        rows = 0
+        with pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
+            for group in _row_groups(batches, self.schema, ROW_GROUP_ROWS):
+                writer.write_table(group)
+                rows += group.num_rows
+        if not rows:
+            tmp.unlink()
+            return None
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, final)
@@ -243,31 +268,34 @@ class OutputStore:
 
     # -- reading --------------------------------------------------------------------------------------------
     def resume_index(self) -> ResumeIndex:
-        """Committed rows (parts and journal), newest first per id, as a compact sorted index."""
-        frames = [self._key_frame(table) for table in self._iter_tables(["status", "fingerprint"])]
-        if not frames:
+        """Committed rows (parts and journal), newest per id, as a compact sorted index (17 bytes per row)."""
+        hashes, ok, fingerprints = [], [], []
+        for table in self._iter_tables(["status", "fingerprint"]):
+            hashes.append(hash_ids(id_strings(table.column(self.id_column))))
+            ok.append(pc.equal(table.column("status"), "ok").fill_null(False).to_numpy(zero_copy_only=False))
+            fingerprints.append(fingerprints_of(table.column("fingerprint")))
+        if not hashes:
             return ResumeIndex(np.empty(0, np.uint64), np.empty(0, bool), np.empty(0, np.uint64))
-        keys = pd.concat(frames, ignore_index=True).drop_duplicates("hash", keep="last").sort_values("hash")
+        all_hashes = np.concatenate(hashes)
+        # newest wins: a stable sort keeps file order within equal hashes, so the last of each run is the newest
+        order = np.argsort(all_hashes, kind="stable")
+        sorted_hashes = all_hashes[order]
+        last = np.ones(len(order), bool)
+        last[:-1] = sorted_hashes[1:] != sorted_hashes[:-1]
+        keep = order[last]
         return ResumeIndex(
-            hashes=keys["hash"].to_numpy(np.uint64),
-            ok=(keys["status"] == "ok").to_numpy(bool),
-            fingerprints=keys["fingerprint"].to_numpy(np.uint64),
+            hashes=sorted_hashes[last],
+            ok=np.concatenate(ok)[keep],
+            fingerprints=np.concatenate(fingerprints)[keep],
         )
 
     def committed_cost(self) -> float:
         """Spend recorded in the output so far (every committed row, superseded ones too: they were paid for)."""
         total = 0.0
         for table in self._iter_tables(["cost"]):
-            value = pa.compute.sum(table.column("cost")).as_py()
+            value = pc.sum(table.column("cost")).as_py()
             total += value or 0.0
         return total
-
-    def _key_frame(self, table: pa.Table) -> pd.DataFrame:
-        return pd.DataFrame({
-            "hash": hash_ids(id_strings(table.column(self.id_column))),
-            "status": table.column("status").to_numpy(zero_copy_only=False),
-            "fingerprint": parse_fingerprints(table.column("fingerprint").to_pylist()),
-        })
 
     def _iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """Parts then journal segments, oldest first, so later rows supersede earlier ones."""
@@ -275,42 +303,90 @@ class OutputStore:
         for _, part in self.parts():
             yield pq.read_table(part, columns=wanted)
         for _, segment in self.segments():
-            table = read_segment(segment)
-            if table is not None:
-                yield table.select(wanted) if wanted else table
+            table = read_segment(segment, self.schema) if self.schema.names else \
+                pa.Table.from_batches(list(iter_segment(segment)))
+            yield table.select(wanted) if wanted else table
 
     # -- writing --------------------------------------------------------------------------------------------
     def writer(self) -> "ResultWriter":
         return ResultWriter(self)
 
     def finalize(self, *, target_rows: int = FOLD_ROWS) -> None:
-        """Drop superseded rows and merge small parts, so the folder holds one row per id in few files."""
+        """Drop superseded rows and merge small parts, so the folder holds one row per id in few files.
+
+        Streamed: parts are read a row group at a time, so memory does not grow with the output.
+        """
         parts = self.parts()
         if not parts:
             return
-        keys = []
+        hashes, seqs = [], []
         for seq, part in parts:
             ids = pq.read_table(part, columns=[self.id_column]).column(self.id_column)
-            keys.append(pd.DataFrame({"hash": hash_ids(id_strings(ids)), "seq": seq}))
-        frame = pd.concat(keys, ignore_index=True)
-        superseded = frame.duplicated("hash", keep="last").to_numpy()
-        dirty = set(frame.loc[superseded, "seq"])
-        counts = frame.groupby("seq").size()
-        small = [seq for seq, n in counts.items() if n < target_rows // 2]
-        rewrite = sorted(dirty | (set(small) if len(small) > 1 else set()))
+            hashes.append(hash_ids(id_strings(ids)))
+            seqs.append(np.full(len(ids), seq, dtype=np.int64))
+        all_seqs = np.concatenate(seqs)
+        superseded = _superseded(np.concatenate(hashes))
+        dirty = set(np.unique(all_seqs[superseded]).tolist())
+        sizes = {seq: len(h) for (seq, _), h in zip(parts, hashes)}
+        small = {seq for seq, n in sizes.items() if n < target_rows // 2}
+        rewrite = sorted(dirty | (small if len(small) > 1 else set()))
         if not rewrite:
             return
-        keep_by_seq = {seq: ~superseded[frame["seq"].to_numpy() == seq] for seq in rewrite}
-        tables = [pq.read_table(self.part_path(seq)).filter(pa.array(keep_by_seq[seq])) for seq in rewrite]
-        merged = pa.concat_tables(tables)
+        keep = {seq: ~superseded[all_seqs == seq] for seq in rewrite}
         seq = self.next_seq()
-        for start in range(0, max(merged.num_rows, 1), target_rows):
-            if merged.num_rows:
-                self._write_part(merged.slice(start, target_rows), seq)
+        for chunk in _chunks_of(self._kept_batches(rewrite, keep), target_rows):
+            if self._write_part(chunk, seq) is not None:
                 seq += 1
         for old in rewrite:
             self.part_path(old).unlink()
         _fsync_dir(self.path)
+
+    def _kept_batches(self, seqs: list[int], keep: dict[int, np.ndarray]) -> Iterator[pa.RecordBatch]:
+        """The rows of these parts that are not superseded, batch by batch."""
+        for seq in seqs:
+            offset = 0
+            for batch in pq.ParquetFile(self.part_path(seq)).iter_batches(batch_size=ROW_GROUP_ROWS):
+                mask = keep[seq][offset: offset + batch.num_rows]
+                offset += batch.num_rows
+                yield batch.filter(pa.array(mask))
+
+
+def _superseded(hashes: np.ndarray) -> np.ndarray:
+    """True for every row that a later row with the same id hash replaces (rows in file order)."""
+    order = np.argsort(hashes, kind="stable")
+    ordered = hashes[order]
+    later_same = np.zeros(len(order), bool)
+    later_same[:-1] = ordered[1:] == ordered[:-1]
+    result = np.zeros(len(order), bool)
+    result[order] = later_same
+    return result
+
+
+def _chunks_of(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[Iterator[pa.RecordBatch]]:
+    """Split a batch stream into consecutive sub-streams of about ``rows`` rows each (one per output part)."""
+    iterator = iter(batches)
+    pending: list[pa.RecordBatch] = []
+
+    def part() -> Iterator[pa.RecordBatch]:
+        count = 0
+        while pending or count < rows:
+            batch = pending.pop() if pending else next(iterator, None)
+            if batch is None:
+                return
+            if count + batch.num_rows > rows:
+                head = rows - count
+                pending.append(batch.slice(head))
+                yield batch.slice(0, head)
+                return
+            count += batch.num_rows
+            yield batch
+
+    while True:
+        first = pending.pop() if pending else next(iterator, None)
+        if first is None:
+            return
+        pending.append(first)
+        yield part()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -406,7 +482,7 @@ class ResultWriter:
             self._sync()
         self._segment_rows += len(rows)
         self.rows_written += len(rows)
-        if self._segment_rows >= self.store.fold_rows:
+        if self._segment_rows >= self.store.fold_rows or self._sink.tell() >= FOLD_BYTES:
             self._fold()
 
     def _sync(self) -> None:

@@ -110,3 +110,15 @@ def test_messages_put_pixel_bounds_beside_image_url(tmp_path: Path) -> None:
     assert parts[0] == {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"},
                         "min_pixels": 3072, "max_pixels": 8388608}
     assert parts[1] == {"type": "text", "text": "Caption h"}
+
+
+def test_fingerprint_column_parsing_matches_the_slow_path() -> None:
+    """Vectorised parsing of a (chunked, sliced, null-holding) fingerprint column equals the per-string path."""
+    values = fingerprint_hex(np.array([1, 2**63, 12345, 2**64 - 1, 7], dtype=np.uint64))
+    column = pa.chunked_array([pa.array(values[:2]), pa.array([values[2], None, values[4]])])
+    from qwenvl_batch.prompt import fingerprints_of
+
+    expected = parse_fingerprints([*values[:3], None, values[4]])
+    assert (fingerprints_of(column) == expected).all()
+    sliced = pa.array(values).slice(2)
+    assert (fingerprints_of(sliced) == parse_fingerprints(values[2:])).all()

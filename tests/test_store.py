@@ -136,3 +136,16 @@ def test_parts_have_well_sized_row_groups(tmp_path: Path) -> None:
     _write(store, [_row(f"r{i}") for i in range(120)])
     meta = pq.ParquetFile(store.parts()[0][1]).metadata
     assert meta.num_row_groups == 1 and meta.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_compaction_streams_into_parts_of_the_target_size(tmp_path: Path) -> None:
+    """Merging many small parts writes parts of target_rows rows, keeps every id once, newest version."""
+    store = _store(tmp_path)
+    for start in range(0, 10, 2):
+        _write(store, [_row(f"r{i}") for i in range(start, start + 2)])
+    _write(store, [_row("r3", response="newer")])
+    store.finalize(target_rows=6)  # every part (2 rows, or 1) is small: all are merged, 3 rows a part at least
+    counts = [pq.ParquetFile(p).metadata.num_rows for _, p in store.parts()]
+    assert counts == [6, 4]
+    out = pd.read_parquet(store.path).set_index("id")
+    assert sorted(out.index) == sorted(f"r{i}" for i in range(10)) and out.loc["r3", "response"] == "newer"
