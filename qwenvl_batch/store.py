@@ -75,6 +75,7 @@ RESULT_COLUMNS = [field.name for field in RESULT_FIELDS]
 
 FOLD_ROWS = 100_000  # rows per part (a 10^6-row output is ~10 files)
 ROW_GROUP_ROWS = 50_000
+COMPACT_BATCHES = 1024
 FOLD_BYTES = 128 * 1024 * 1024  # also fold a journal segment this big (one-row batches carry ~2 KB of framing)
 _PART = re.compile(r"^part-(\d{6,})\.parquet$")
 _SEGMENT = re.compile(r"^seg-(\d{6,})\.arrows$")
@@ -124,19 +125,30 @@ def read_segment(path: Path, schema: pa.Schema) -> pa.Table:
 
 
 def _row_groups(batches: Iterable[pa.RecordBatch], schema: pa.Schema, rows: int) -> Iterator[pa.Table]:
-    """Re-cut a stream of (often one-row) batches into tables of about ``rows`` rows, cast to ``schema``."""
-    pending: list[pa.RecordBatch] = []
+    """Re-cut a stream of (often one-row) batches into tables of about ``rows`` rows, cast to ``schema``.
+
+    Small batches are compacted every ``COMPACT_BATCHES``: tens of thousands of one-row batches held at once
+    cost far more memory (per-batch buffers and objects) than the rows themselves.
+    """
+    small: list[pa.RecordBatch] = []
+    compacted: list[pa.Table] = []
     count = 0
     for batch in batches:
-        if batch.schema != schema:
-            batch = batch.cast(schema)
-        pending.append(batch)
+        small.append(batch if batch.schema == schema else batch.cast(schema))
         count += batch.num_rows
+        if len(small) >= COMPACT_BATCHES:
+            compacted.append(pa.Table.from_batches(small, schema=schema).combine_chunks())
+            small = []
         if count >= rows:
-            yield pa.Table.from_batches(pending, schema=schema).combine_chunks()
-            pending, count = [], 0
-    if pending:
-        yield pa.Table.from_batches(pending, schema=schema).combine_chunks()
+            yield _concat(compacted, small, schema)
+            small, compacted, count = [], [], 0
+    if count:
+        yield _concat(compacted, small, schema)
+
+
+def _concat(compacted: list[pa.Table], small: list[pa.RecordBatch], schema: pa.Schema) -> pa.Table:
+    tables = compacted + ([pa.Table.from_batches(small, schema=schema)] if small else [])
+    return pa.concat_tables(tables).combine_chunks()
 
 
 @dataclass(frozen=True)
