@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -17,9 +19,28 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 
 
+@dataclass(frozen=True)
+class SimulatorProcess:
+    """A running simulator: its base URL, and its process, whose CPU time a benchmark may want to read."""
+
+    url: str
+    pid: int
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the simulator has used so far (Linux /proc; 0.0 where unavailable).
+
+        Lets a benchmark tell "the runner is the bottleneck" from "the simulator on the same 2 cores is".
+        """
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def simulator(*args: str, log: Path | None = None) -> Iterator[str]:
-    """Start `qwenvl-batch simulate` in a separate process (so its CPU is not the runner's); yields the base URL."""
+def simulator_process(*args: str, log: Path | None = None) -> Iterator[SimulatorProcess]:
+    """Start `qwenvl-batch simulate` in a separate process (so its CPU is not the runner's); yields its handle."""
     cmd = [sys.executable, "-m", "qwenvl_batch", "simulate", "--port", "0", *args]
     if log is not None:
         cmd += ["--request-log", str(log)]
@@ -29,13 +50,20 @@ def simulator(*args: str, log: Path | None = None) -> Iterator[str]:
         match = re.search(r"(http://127\.0\.0\.1:\d+/\S+)", line)
         if not match:
             raise RuntimeError(f"the simulator did not start: {line!r}")
-        yield match.group(1)
+        yield SimulatorProcess(url=match.group(1), pid=proc.pid)
     finally:
         proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
         if proc.poll() is None:
             proc.kill()
+
+
+@contextlib.contextmanager
+def simulator(*args: str, log: Path | None = None) -> Iterator[str]:
+    """Start `qwenvl-batch simulate` in a separate process (so its CPU is not the runner's); yields the base URL."""
+    with simulator_process(*args, log=log) as sim:
+        yield sim.url
 
 
 def synthetic_images(folder: Path, count: int, size: tuple[int, int] = (320, 240)) -> list[str]:
