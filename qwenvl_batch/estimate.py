@@ -44,7 +44,7 @@ from .errors import ConfigError, InputRowError
 from .manifest import Manifest, limited_batches, open_manifest, require_columns
 from .media import ImageInfo, ImageRef, ResizePolicy, probe_image
 from .pricing import ModelPrice, PriceTable, row_cost
-from .prompt import RenderedRow, RowRenderer, template_fields
+from .prompt import PromptTokens, RenderedRow, RowRenderer, template_fields
 
 log = logging.getLogger(__name__)
 
@@ -214,43 +214,25 @@ def _probe(ref: ImageRef, resize: ResizePolicy | None = None) -> _ProbeResult:
 
 
 class _TokenCounter:
-    """A rendered row → its RowEstimate, with the job's token rules fixed once."""
+    """A rendered row → its RowEstimate, counted by the same PromptTokens the runner's rate limiter uses."""
 
     def __init__(self, job: JobConfig) -> None:
-        model = job.model
-        self.model = model.name
-        self.high_resolution = model.high_resolution
-        self.min_pixels = model.min_pixels
-        self.max_pixels = model.max_pixels
-        spec = tokens.vision_spec(model.name)
-        _, upper = tokens.effective_pixel_bounds(
-            spec, high_resolution=model.high_resolution, min_pixels=model.min_pixels, max_pixels=model.max_pixels
-        )
-        # The most one image can cost: the whole pixel budget, in factor x factor patches, plus the markers.
-        self.max_image_tokens = upper // (spec.factor * spec.factor) + tokens.VISION_MARKER_TOKENS
+        self.tokens = PromptTokens(job)
 
     def row(self, rendered: RenderedRow, prober: _Prober) -> RowEstimate:
         images = len(rendered.images)
         if rendered.error is not None:
             return _error_row(rendered, rendered.error)
-        sizes: list[tuple[int, int]] = []
         try:
-            for ref in rendered.images:
-                size = prober.size(ref)
-                if size is not None:
-                    sizes.append(size)
+            sizes = [prober.size(ref) for ref in rendered.images]
         except InputRowError as exc:  # the runner stops at a row's first bad image too
             return _error_row(rendered, exc)
-        texts = [text for text in (rendered.system, rendered.user) if text]
         try:
-            prompt = tokens.prompt_tokens(
-                texts, sizes, self.model, high_resolution=self.high_resolution,
-                min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-            )  # fmt: skip
+            prompt = self.tokens.count(rendered, sizes)
         except tokens.ImageSizeError as exc:  # media.py checks the same limits; kept for a data URL's odd size
             return RowEstimate(rendered.key, None, str(exc), "image_size", images)
-        unmeasured = images - len(sizes)
-        return RowEstimate(rendered.key, prompt + unmeasured * self.max_image_tokens, None, None, images, unmeasured)
+        unmeasured = sum(1 for size in sizes if size is None)
+        return RowEstimate(rendered.key, prompt, None, None, images, unmeasured)
 
 
 def _error_row(rendered: RenderedRow, error: InputRowError) -> RowEstimate:

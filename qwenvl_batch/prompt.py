@@ -16,13 +16,14 @@ import math
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import tokens
 from .config import JobConfig
 from .errors import ConfigError, InputRowError
 from .media import ImageRef, PreparedImage, parse_image_cell
@@ -173,6 +174,29 @@ def _job_identity(job: JobConfig) -> str:
         sort_keys=True,
         default=str,
     )
+
+
+class PromptTokens:
+    """A rendered row's prompt tokens exactly as the provider counts them (tokens.py's rules with the job's model,
+    pixel bounds and ``vl_high_resolution_images``). Shared by the rate limiter and ``estimate``, so the two never
+    disagree. An image whose size is unknown (an http(s) URL, not fetched) counts as the most one image can cost."""
+
+    def __init__(self, job: JobConfig) -> None:
+        model = job.model
+        self.model = model.name
+        self.options = {"high_resolution": model.high_resolution, "min_pixels": model.min_pixels,
+                        "max_pixels": model.max_pixels}
+        spec = tokens.vision_spec(model.name)
+        _, upper = tokens.effective_pixel_bounds(spec, **self.options)
+        self.max_image_tokens = upper // (spec.factor * spec.factor) + tokens.VISION_MARKER_TOKENS
+
+    def count(self, rendered: RenderedRow, sizes: Sequence[tuple[int, int] | None]) -> int:
+        """Prompt tokens for the row's texts and its images' (width, height); raises tokens.ImageSizeError for a
+        size the provider refuses."""
+        known = [size for size in sizes if size is not None]
+        texts = [text for text in (rendered.system, rendered.user) if text]
+        prompt = tokens.prompt_tokens(texts, known, self.model, **self.options)
+        return prompt + (len(sizes) - len(known)) * self.max_image_tokens
 
 
 def build_messages(

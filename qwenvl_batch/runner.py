@@ -41,7 +41,7 @@ from .media import PreparedImage, ResizePolicy, prepare_image, redact_data_url
 from .policy import Action, Decision, PartialResponseError, backoff_s, classify
 from .pricing import ModelPrice, PriceTable, row_cost
 from .progress import Counters, Progress
-from .prompt import RenderedRow, RowRenderer, build_messages, fingerprint_hex
+from .prompt import PromptTokens, RenderedRow, RowRenderer, build_messages, fingerprint_hex
 from .store import OutputStore, ResumeIndex, ResultWriter, output_schema
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,7 @@ class JobRun:
         self._hard_stop = False
         self._image_columns = [c for c in job.input.image_columns if c in self.manifest.columns]
         self.resize = job.resize_policy()
+        self.prompt_tokens = PromptTokens(job)
         # Decoding and resizing a 24 MP scan takes ~100 MB for a moment: a few at a time, not one per worker.
         self.preparing = asyncio.Semaphore(max(2, os.cpu_count() or 2))
 
@@ -514,17 +515,11 @@ class _Workers:
 
     def estimate_prompt_tokens(self, rendered: RenderedRow, images: list[PreparedImage]) -> int:
         """Prompt tokens from the real image sizes (Qwen-VL's resize rule), before sending."""
-        model = self.job.model
-        sizes = [(i.width, i.height) for i in images if i.width and i.height]
-        unknown = len(images) - len(sizes)  # http(s) URLs: assume the per-image maximum
-        spec = tokens.vision_spec(model.name)
-        texts = [t for t in (rendered.system, rendered.user) if t]
+        sizes = [(i.width, i.height) if i.width and i.height else None for i in images]
         try:
-            prompt = tokens.prompt_tokens(texts, sizes, model.name, high_resolution=model.high_resolution,
-                                          min_pixels=model.min_pixels, max_pixels=model.max_pixels)
-        except ValueError:
-            prompt = sum(tokens.text_tokens(t) for t in texts) + len(sizes) * (spec.max_pixels // spec.factor ** 2)
-        return prompt + unknown * (spec.max_pixels // spec.factor ** 2 + 2)
+            return self.run.prompt_tokens.count(rendered, sizes)
+        except tokens.ImageSizeError:  # an odd data-URL size: the provider will say; budget the maximum meanwhile
+            return self.run.prompt_tokens.count(rendered, [None] * len(images))
 
     # -- result rows ----------------------------------------------------------------------------------------
     def ok_row(self, row: dict[str, Any], rendered: RenderedRow, completion: Completion, attempts: int,
