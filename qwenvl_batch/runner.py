@@ -401,7 +401,7 @@ class _Workers:
         prompt_estimate = self.estimate_prompt_tokens(rendered, images)
         estimate = prompt_estimate + (self.job.model.max_tokens or EXPECTED_COMPLETION_TOKENS)
         started = time.monotonic()
-        billed: list[dict[str, Any]] = []  # costs of failed attempts the provider still billed
+        billed: list[dict[str, Any]] = []  # the cost of every attempt the provider billed, the answer's included
         completion, attempts, failure = await self._send(messages, estimate, self.worst_case_cost(prompt_estimate),
                                                          billed)
         latency_s = time.monotonic() - started
@@ -437,7 +437,8 @@ class _Workers:
                     try:
                         await self.limiter.acquire(estimate)
                         completion = await self.client.complete(messages)
-                        actual_cost = self._cost(completion).get("cost") or 0.0
+                        billed.append(self._cost(completion))
+                        actual_cost = billed[-1].get("cost") or 0.0
                     except PartialResponseError as exc:  # billed although not usable: count it, then retry
                         if isinstance(exc.billed, Completion):
                             billed.append(self._cost(exc.billed))
@@ -540,7 +541,7 @@ class _Workers:
             "latency_s": round(latency_s, 4),
             "request_id": completion.request_id,
         }
-        fields.update(_add_costs([self._cost(completion), *billed]))
+        fields.update(_add_costs(billed))
         return self._output_row(row, rendered, fields)
 
     def error_row(self, row: dict[str, Any], rendered: RenderedRow, error_type: str, code: str | None,
