@@ -2,10 +2,12 @@
 
 A pre-built output must be exactly what the runner would have written, or the resume figures measure the wrong
 thing (a wrong fingerprint makes every row "changed" and the run refuses to start; a wrong schema fails the
-schema check). So it is built with the library's own pieces: ``RowRenderer.fingerprints`` → ``fingerprint_hex``
-for the fingerprints, ``store.output_schema`` for the schema, and ``OutputStore`` to write ``_job.json`` and the
-parts (its atomic part writer, the same one that folds the journal, so compression, row groups and names match).
-The benchmark then checks the plan: all done → "0 to do"; all but the last N → "N to do".
+schema check). So it is built from the library's own pieces: ``RowRenderer.fingerprints`` → ``fingerprint_hex``
+for the fingerprints, ``store.output_schema`` for the schema, and ``OutputStore`` for the rest: the rows are
+written as journal segments (``_journal/seg-NNNNNN.arrows``, the layout store.py documents) and
+``OutputStore.recover()`` folds them into ``part-NNNNNN.parquet`` files exactly as it does after a crash, so the
+parts' compression, row groups and names are the store's own, whatever its internals. The benchmark then checks
+the plan: all done → "0 to do"; all but the last N → "N to do".
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -70,8 +73,8 @@ def large_scans(folder: Path, count: int, target_bytes: int = 5_000_000) -> list
 def build_done_output(job: JobConfig, done_rows: int) -> float:
     """Write an output in which the first ``done_rows`` manifest rows are finished ok; returns seconds taken.
 
-    Parts of ``FOLD_ROWS`` rows (what a run folds its journal into), named ``part-NNNNNN.parquet``, plus
-    ``_job.json``. Nothing is sent, so this takes seconds for 10^6 rows.
+    One journal segment per ``FOLD_ROWS`` rows (what a run folds into one part), then ``recover()`` folds them.
+    Nothing is sent, so this takes seconds for 10^6 rows.
     """
     started = time.perf_counter()
     manifest = open_manifest(job.input.path, job.input.format)
@@ -81,15 +84,22 @@ def build_done_output(job: JobConfig, done_rows: int) -> float:
     store.recover()
     if store.parts() or store.segments():
         raise RuntimeError(f"{job.output.path} is not empty; the fixture must start from nothing")
-    store.create()
+    store.create()  # _job.json and _journal/
     seq, written = 1, 0
     for batch in manifest.batches(batch_rows=FOLD_ROWS):
         if written >= done_rows:
             break
         batch = batch.slice(0, done_rows - written)
-        store._write_part(_done_table(batch, renderer, schema, seed=seq).to_batches(), seq)  # the store's own atomic writer
+        segment = store.journal_dir / f"seg-{seq:06d}.arrows"
+        with pa.OSFile(str(segment), "wb") as sink, ipc.new_stream(sink, schema) as stream:
+            for chunk in _done_table(batch, renderer, schema, seed=seq).to_batches(max_chunksize=4096):
+                stream.write_batch(chunk)
         seq += 1
         written += batch.num_rows
+    store.recover()  # journal segments → parts, as after a crash
+    if store.segments() or len(store.parts()) != seq - 1:
+        raise RuntimeError(f"{job.output.path}: recover() left {len(store.segments())} segments and "
+                           f"{len(store.parts())} parts; expected 0 and {seq - 1}")
     return time.perf_counter() - started
 
 

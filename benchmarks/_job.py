@@ -1,8 +1,9 @@
 """One benchmark job in a process of its own: run it through the library and print what was measured, as JSON.
 
-Why a child process per job: peak RSS (``ru_maxrss``) only ever grows, so each memory figure needs a fresh
-process; the runner's CPU must be read without the parent's or the simulator's; and "time from process start to
-the first request" must include the interpreter start and the library's imports, as a user's run does.
+Why a child process per job: peak RSS only ever grows (and is inherited across fork + exec: see
+``peak_rss_mb``), so each memory figure needs a fresh process; the runner's CPU must be read without the
+parent's or the simulator's; and "time from process start to the first request" must include the interpreter
+start and the library's imports, as a user's run does.
 
 The job is run with ``run_job_async`` inside our own ``asyncio.run``, next to a monitor task that sleeps 10 ms in
 a loop and records how late it wakes up (the event loop's stalls). A few library functions are wrapped, from
@@ -44,7 +45,7 @@ from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Awaitable, Callable  # noqa: E402
 
-from qwenvl_batch import job_from_dict, run_job_async  # noqa: E402
+from qwenvl_batch import JobConfig, RunSummary, job_from_dict, run_job_async  # noqa: E402
 from qwenvl_batch import runner as runner_module  # noqa: E402
 from qwenvl_batch.client import ChatClient, Completion  # noqa: E402
 from qwenvl_batch.errors import QwenVLBatchError  # noqa: E402
@@ -197,7 +198,8 @@ def stall_cause(late: float, loop_cpu: float, process_cpu: float) -> str:
     return "descheduled"
 
 
-async def run_monitored(job: Any, probe: Probe) -> Any:
+async def run_monitored(job: JobConfig, probe: Probe) -> RunSummary:
+    """The job, through the library's async entry point, with the stall monitor alongside."""
     monitor = asyncio.create_task(watch_loop(probe))
     try:
         return await run_job_async(job)
@@ -234,6 +236,9 @@ def stall_figures(probe: Probe) -> dict[str, Any]:
         "stalls_over_50ms_sending_by_cause": {cause: causes.count(cause) for cause in sorted(set(causes))},
         "stalls_over_50ms_sending_in_full_gc": len(overlapping(long_ones, probe.full_gcs)),
         "stall_worst_during_fold_s": max(overlapping(own, probe.folds), default=0.0),
+        # a fold runs in the writer thread: it can only stall the loop by holding the GIL ("threads")
+        "stall_worst_from_fold_s": max(overlapping([probe.stalls[i] for i in in_window
+                                                    if probe.stall_causes[i] == "threads"], probe.folds), default=0.0),
         "folds_while_sending": sum(1 for start, _ in probe.folds if window[0] <= start <= window[1]),
         "full_gcs": len(probe.full_gcs),
         "full_gc_worst_s": max((end - start for start, end in probe.full_gcs), default=0.0),
@@ -241,6 +246,7 @@ def stall_figures(probe: Probe) -> dict[str, Any]:
 
 
 def measure(spec: dict[str, Any], spawned_at: float) -> dict[str, Any]:
+    """Run the spec's job once with the probes installed; everything the parent needs, JSON-able."""
     probe = Probe()
     install_probes(probe, spec.get("fold_rows"))
     job = job_from_dict(spec["job"], base_dir=Path(spec["base_dir"]))
