@@ -257,8 +257,6 @@ def job_from_dict(
     """Build a JobConfig from a dict shaped like the TOML file (handy from a notebook)."""
     data = {section: dict(values) if isinstance(values, Mapping) else values for section, values in raw.items()}
     cwd_paths = _apply_overrides(data, overrides or {})
-    if "base_url" in (overrides or {}) and (overrides or {}).get("base_url"):
-        data.setdefault("model", {}).pop("region", None)
     where = str(job_file) if job_file else "job"
     try:
         job = JobConfig.model_validate({**data, "job_file": job_file})
@@ -271,7 +269,7 @@ def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> set[
     """Put CLI values into their sections; returns the path keys given on the command line (relative to cwd)."""
     cwd_paths: set[str] = set()
     for flag, value in overrides.items():
-        if value is None or value is False and flag not in ("simulate", "retry_failed", "rerun_changed"):
+        if value is None or value is False:  # a flag not given: the job file (or the default) stands
             continue
         if flag not in OVERRIDES:
             raise ConfigError(f"Unknown override {flag!r}")
@@ -279,6 +277,8 @@ def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> set[
         data.setdefault(section, {})[key] = value
         if flag in ("input", "output", "prices"):
             cwd_paths.add(flag)
+        if flag == "base_url":  # a URL given on the command line replaces the job file's region
+            data[section].pop("region", None)
     return cwd_paths
 
 

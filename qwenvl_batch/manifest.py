@@ -196,14 +196,6 @@ def limited_batches(manifest: Manifest, limit: int | None, columns: list[str] | 
         yield batch
 
 
-def check_ids(manifest: Manifest, id_column: str, limit: int | None = None) -> IdCheck:
-    """Count rows and find empty or duplicate ids without loading the manifest."""
-    tracker = IdTracker()
-    for batch in limited_batches(manifest, limit, [id_column]):
-        tracker.add(id_strings(batch.column(0)))
-    return tracker.result(manifest, id_column, limit)
-
-
 def _repeated(hashes: np.ndarray) -> np.ndarray:
     ordered = np.sort(hashes)
     return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])

@@ -204,7 +204,8 @@ class JobRun:
     async def run(self) -> RunSummary:
         started = time.monotonic()
         self.store.recover()
-        plan = plan_run(self.job, self.manifest, self.renderer, self.store.resume_index())
+        index = self.store.resume_index()
+        plan = plan_run(self.job, self.manifest, self.renderer, index)
         self.store.create()
         self._stop_event = asyncio.Event()
         writer = self.store.writer().start()
@@ -212,7 +213,7 @@ class JobRun:
         client = ChatClient(self.job, api_key=self.job.api_key(), base_url=self.base_url)
         limiter = Limiter(requests_per_minute=self.job.limits.requests_per_minute,
                           tokens_per_minute=self.job.limits.tokens_per_minute)
-        self.spend = SpendMeter(self.job.limits.max_cost, self.store.committed_cost())
+        self.spend = SpendMeter(self.job.limits.max_cost, index.committed_cost)
         self.image_bytes = ByteBudget(int(self.job.limits.max_inflight_mb * 1024 * 1024))
         self.counters.prior_cost = self.spend.committed
         self.counters.to_do = plan.to_do

@@ -158,6 +158,7 @@ class ResumeIndex:
     hashes: np.ndarray  # uint64, sorted
     ok: np.ndarray  # bool
     fingerprints: np.ndarray  # uint64 (prompt.parse_fingerprints)
+    committed_cost: float = 0.0  # spend recorded so far, superseded rows included: they were paid for
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -280,12 +281,15 @@ class OutputStore:
 
     # -- reading --------------------------------------------------------------------------------------------
     def resume_index(self) -> ResumeIndex:
-        """Committed rows (parts and journal), newest per id, as a compact sorted index (17 bytes per row)."""
+        """Committed rows (parts and journal), newest per id, as a compact sorted index (17 bytes per row), and
+        the spend recorded so far, in the same single pass over the output."""
         hashes, ok, fingerprints = [], [], []
-        for table in self._iter_tables(["status", "fingerprint"]):
+        cost = 0.0
+        for table in self._iter_tables(["status", "fingerprint", "cost"]):
             hashes.append(hash_ids(id_strings(table.column(self.id_column))))
             ok.append(pc.equal(table.column("status"), "ok").fill_null(False).to_numpy(zero_copy_only=False))
             fingerprints.append(fingerprints_of(table.column("fingerprint")))
+            cost += pc.sum(table.column("cost")).as_py() or 0.0
         if not hashes:
             return ResumeIndex(np.empty(0, np.uint64), np.empty(0, bool), np.empty(0, np.uint64))
         all_hashes = np.concatenate(hashes)
@@ -299,15 +303,8 @@ class OutputStore:
             hashes=sorted_hashes[last],
             ok=np.concatenate(ok)[keep],
             fingerprints=np.concatenate(fingerprints)[keep],
+            committed_cost=cost,
         )
-
-    def committed_cost(self) -> float:
-        """Spend recorded in the output so far (every committed row, superseded ones too: they were paid for)."""
-        total = 0.0
-        for table in self._iter_tables(["cost"]):
-            value = pc.sum(table.column("cost")).as_py()
-            total += value or 0.0
-        return total
 
     def _iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """Parts then journal segments, oldest first, so later rows supersede earlier ones."""
@@ -423,7 +420,6 @@ class ResultWriter:
         self.max_batch = max_batch
         self.fsync_every_s = fsync_every_s
         self.error: BaseException | None = None
-        self.rows_written = 0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="qwenvl-batch-writer", daemon=True)
         self._seq = 0
@@ -493,7 +489,6 @@ class ResultWriter:
         if time.monotonic() - self._last_fsync >= self.fsync_every_s:
             self._sync()
         self._segment_rows += len(rows)
-        self.rows_written += len(rows)
         if self._segment_rows >= self.store.fold_rows or self._sink.tell() >= FOLD_BYTES:
             self._fold()
 
