@@ -17,12 +17,22 @@ import logging
 import os
 import shlex
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from .errors import ConfigError, Interrupted, JobError
 
 EXIT_OK, EXIT_JOB, EXIT_CONFIG = 0, 1, 2
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """Every subcommand also takes -v/--verbose, so it works before or after the subcommand's name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                          help="-v: retry decisions; -vv: HTTP too")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"qwenvl-batch {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: retry decisions; -vv: HTTP too")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=_SubcommandParser)
     _add_run(commands)
     _add_estimate(commands)
     _add_report(commands)
@@ -137,8 +148,8 @@ def _add_report(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .api import run_job
     from .config import load_job
-    from .runner import run_job
 
     job = load_job(args.job, _overrides(args, list(_OVERRIDE_FLAGS)))
     if job.run.simulate:
@@ -178,7 +189,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         drop_rate=args.drop_rate, hang_rate=args.hang_rate, truncate_rate=args.truncate_rate, seed=args.seed,
         request_log=args.request_log,
     )
-    serve(config, port=args.port)
+    try:
+        serve(config, port=args.port)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on 127.0.0.1:{args.port} ({exc.strerror or exc}); the port is taken? "
+                          "choose another with --port N (0 picks a free one)") from None
     return EXIT_OK
 
 
@@ -203,11 +218,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _configure_logging(verbose: int) -> None:
-    level = logging.DEBUG if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if verbose < 2:
-        for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "aiohttp.access"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Warnings from everything; -v: this project's debug lines only; -vv: the HTTP stack's too (never Pillow's)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    if verbose:
+        logging.getLogger("qwenvl_batch").setLevel(logging.DEBUG)
+    if verbose >= 2:
+        for chatty in ("httpx", "httpcore", "openai", "aiohttp.client"):
+            logging.getLogger(chatty).setLevel(logging.DEBUG)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -80,7 +88,7 @@ class ModelConfig(_Section):
     max_pixels: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
-    def _endpoint(self) -> "ModelConfig":
+    def _endpoint(self) -> ModelConfig:
         if self.region and self.base_url:
             raise ValueError("set either region or base_url, not both")
         return self
@@ -184,14 +192,14 @@ class JobConfig(_Section):
             f"(export {self.model.api_key_env}=sk-...), or try the job without one using --simulate."
         )
 
-    def price_table(self) -> "PriceTable":
+    def price_table(self) -> PriceTable:
         """The built-in prices, extended or overridden by [pricing] file / --prices."""
         from .pricing import PriceTable
 
         table = PriceTable.builtin()
         return table.merged(PriceTable.from_file(self.pricing.file)) if self.pricing.file else table
 
-    def resize_policy(self) -> "ResizePolicy":
+    def resize_policy(self) -> ResizePolicy:
         """Client-side resizing for this job's model and pixel bounds (the same ones sent with each image)."""
         from .media import ResizePolicy
 
@@ -313,3 +321,24 @@ def _describe_validation_error(where: str, exc: ValidationError) -> str:
         else:
             lines.append(f"  - '{key}': {err['msg']}")
     return "\n".join(lines)
+
+
+def with_overrides(job: JobConfig, overrides: Mapping[str, Any]) -> JobConfig:
+    """A copy of ``job`` with overrides applied, by the CLI flag names (``simulate=True``, ``limit=10``...).
+
+    A name that is not an override is a TypeError (a typo in a notebook must not be silently ignored); a value
+    the job file would refuse is a ConfigError. Paths given here are relative to the working directory.
+    """
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise TypeError(f"unknown job override(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(OVERRIDES))}")
+    if not overrides:
+        return job
+    data = job.model_dump(exclude={"job_file"})
+    cwd_paths = _apply_overrides(data, overrides)
+    where = str(job.job_file) if job.job_file else "job"
+    try:
+        updated = JobConfig.model_validate({**data, "job_file": job.job_file})
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(where, exc)) from None
+    return _resolve_paths(updated, Path.cwd(), cwd_paths)

@@ -26,25 +26,26 @@ What an estimate cannot know, and what it does instead:
 from __future__ import annotations
 
 import functools
-
 import json
 import logging
 import math
 from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Literal
 
 import numpy as np
 
 from . import tokens
 from .config import JobConfig
 from .errors import ConfigError, InputRowError
-from .manifest import Manifest, limited_batches, open_manifest, require_columns
+from .manifest import Manifest, limited_batches
 from .media import ImageInfo, ImageRef, ResizePolicy, probe_image
+from .planning import JobSetup, Plan, open_job, plan_rows
 from .pricing import ModelPrice, PriceTable, row_cost
-from .prompt import PromptTokens, RenderedRow, RowRenderer, template_fields
+from .prompt import PromptTokens, RenderedRow, template_fields
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class Estimate:
 
     model: str
     rows: int
+    already_done: int  # rows the output already holds (not sent again, not counted below)
     images: int
     rows_to_send: int
     input_errors: int
@@ -145,20 +147,31 @@ class Estimate:
 # ---------------------------------------------------------------------------------------------- per row
 
 
-def estimate_rows(job: JobConfig) -> Iterator[RowEstimate]:
-    """Every row of the manifest (``--limit`` respected), in order, with its prompt tokens or its input error.
+def plan_estimate(job: JobConfig, prices: PriceTable | None = None) -> tuple[JobSetup, Plan]:
+    """The run's own planning step, read-only: the same refusals (columns, ids, changed rows) and the same rows
+    to send (rows already done in the output are not counted)."""
+    setup = open_job(job, prices, sending=False)
+    index = setup.store.resume_index()  # reads parts and journal; takes no lock and writes nothing
+    return setup, plan_rows(job, setup.manifest, setup.renderer, index)
+
+
+def estimate_rows(job: JobConfig, planned: tuple[JobSetup, Plan] | None = None) -> Iterator[RowEstimate]:
+    """Every row this job would send (``--limit`` respected, rows already done skipped), in order, with its
+    prompt tokens or its input error.
 
     Streams the manifest batch by batch; the images of a batch are probed (header only) in a thread pool
     before its rows are counted, and each resolved path is probed once for the whole run.
     """
-    manifest = open_manifest(job.input.path, job.input.format)
-    require_columns(manifest, job.input.id_column, job.input.image_columns)
-    renderer = RowRenderer(job, manifest.columns, job.input.path.resolve().parent)
+    setup, plan = planned or plan_estimate(job)
+    manifest, renderer = setup.manifest, setup.renderer
     counter = _TokenCounter(job)
+    position = 0
     with ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="qwenvl-probe") as pool:
         prober = _Prober(pool, job.resize_policy())
         for batch in limited_batches(manifest, job.run.limit, _needed_columns(job, manifest)):
-            rendered = [renderer.render(row) for row in batch.to_pylist()]
+            mask = plan.todo[position: position + batch.num_rows]
+            position += batch.num_rows
+            rendered = [renderer.render(row) for row, todo in zip(batch.to_pylist(), mask, strict=True) if todo]
             prober.prefetch(ref for row in rendered if row.error is None for ref in row.images)
             for row in rendered:
                 yield counter.row(row, prober)
@@ -259,13 +272,16 @@ def estimate_job(
         raise ConfigError(f"typical_completion_tokens must be >= 0, got {typical_completion_tokens}")
     if assumed_latency_s < 0 or not math.isfinite(assumed_latency_s):
         raise ConfigError(f"assumed_latency_s must be a finite number >= 0, got {assumed_latency_s}")
+    planned = plan_estimate(job, prices)
     tally = _Tally()
-    for row in estimate_rows(job):
+    for row in estimate_rows(job, planned):
         tally.add(row)
+    tally.rows = planned[1].rows
+    already_done = planned[1].skipped_ok + planned[1].skipped_error
     prompt = tally.prompt_tokens()
     max_tokens = job.model.max_tokens
     typical = _typical_completion(max_tokens, typical_completion_tokens)
-    price = (prices or PriceTable.builtin()).lookup(job.model.name, job.model.region)
+    price = planned[0].price
     costs = _Costs.of(price, prompt, typical, max_tokens)
     limits = job.limits
     wall = wall_time(
@@ -275,6 +291,7 @@ def estimate_job(
     return Estimate(
         model=job.model.name,
         rows=tally.rows,
+        already_done=already_done,
         images=tally.images,
         rows_to_send=len(prompt),
         input_errors=tally.errors,
@@ -416,8 +433,11 @@ def render_estimate(estimate: Estimate, fmt: Literal["text", "json"]) -> str:
     if fmt != "text":
         raise ValueError(f"unknown format {fmt!r} (use 'text' or 'json')")
     lines = [
-        ("model", estimate.model),
-        ("rows", f"{estimate.rows:,} in the manifest, {estimate.rows_to_send:,} to send, "
+        ("model", estimate.model + ("" if not estimate.unpriced_model else
+                                    "  (not in the price table: check the name, or add it with --prices FILE)")),
+        ("rows", f"{estimate.rows:,} in the manifest, "
+                 + (f"{estimate.already_done:,} already done, " if estimate.already_done else "")
+                 + f"{estimate.rows_to_send:,} to send, "
                  f"{estimate.input_errors:,} input error(s) (never sent, cost nothing)"),
         ("images", _images_line(estimate)),
         *_error_lines(estimate),

@@ -9,9 +9,10 @@ column that looks numeric in the first block cannot change type later.
 from __future__ import annotations
 
 import csv
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,7 +44,53 @@ class Manifest:
         try:
             yield from _READERS[self.format](self, batch_rows, columns)
         except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{self.path}: cannot read the {self.format.upper()} manifest: {exc}") from None
+            where = _locate_bad_line(self)
+            detail = str(exc).splitlines()[0][:300]
+            raise ConfigError(f"{self.path}{where}: cannot read the {self.format.upper()} manifest: {detail}. Fix "
+                              "that line (quote fields that hold the delimiter or a newline) and run again; rows "
+                              "already done are kept") from None
+
+
+def _locate_bad_line(manifest: Manifest) -> str:
+    """``", line N"`` for the first line a CSV/JSONL reader rejects (found by a second, plain pass: only on error)."""
+    try:
+        if manifest.format == "csv":
+            return _bad_csv_line(manifest.path)
+        if manifest.format == "jsonl":
+            return _bad_jsonl_line(manifest.path)
+    except (OSError, UnicodeDecodeError) as exc:
+        return f" (near byte {getattr(exc, 'start', '?')})"
+    return ""
+
+
+def _bad_csv_line(path: Path) -> str:
+    dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
+    with path.open("r", encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle, dialect)
+        width = len(next(reader, []))
+        start = reader.line_num + 1
+        try:
+            for record in reader:
+                if len(record) != width:
+                    return f", line {start}"
+                start = reader.line_num + 1
+        except csv.Error:
+            return f", line {start}"
+    return ""
+
+
+def _bad_jsonl_line(path: Path) -> str:
+    with path.open("r", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError:
+                return f", line {number}"
+            if not isinstance(value, dict):
+                return f", line {number}"
+    return ""
 
 
 def open_manifest(path: Path, fmt: str = "auto") -> Manifest:

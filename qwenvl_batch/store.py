@@ -1,19 +1,28 @@
-"""The output: a Parquet dataset folder, a journal that makes every result durable at once, and resume.
+"""The output: a folder of Parquet parts any reader opens as given, a journal that makes every result durable at
+once, and resume.
 
-Layout of an output path (``out/captions.parquet`` is a folder)::
+Layout of an output path ``out/captions.parquet`` (a folder) and its state folder beside it::
 
-    part-000001.parquet      committed results; pandas.read_parquet(<folder>) reads all parts
-    part-000002.parquet
-    _journal/seg-000003.arrows   results not yet folded into a part (Arrow IPC stream, appended + flushed)
-    _job.json                the id column and the tool version, so `report` and resume read it right
+    out/captions.parquet/part-000001.parquet   committed results, nothing else: pandas, pyarrow, polars and
+    out/captions.parquet/part-000002.parquet   duckdb all read the folder as the path is given
+    out/captions.parquet.state/job.json        schema version, id column, manifest and result columns
+    out/captions.parquet.state/journal/seg-000003.arrows   results not yet folded into a part (Arrow IPC)
+    out/captions.parquet.state/lock            held (flock) by the one run writing this output; pid and host
+    out/captions.parquet.state/tmp/            parts being written, renamed into the folder when complete
 
 Why this shape: a response that has arrived must survive ``kill -9``, so it is appended to the journal and
 flushed before anything else happens to it (one write per result, or per batch of results under load). Parquet
-cannot be appended to, so the journal is folded into a new part every ``fold_rows`` rows and at the end. Every
-part is written to a hidden temporary file and renamed into place (atomic), and a journal segment is only
-deleted once the part with the same number exists: a crash at any moment leaves either the segment or the part
-(or both, which recovery resolves by number). Files starting with ``_`` or ``.`` are ignored by pyarrow and
-pandas, so the folder always reads as a clean dataset.
+cannot be appended to, so the journal is folded into a new part every ``fold_rows`` rows, at least every
+``fold_every_s`` seconds while results arrive (a days-long job is visible to every reader within a minute), and
+at the end. Every part is written to a temporary file and renamed into place (atomic), and a journal segment is
+only deleted once the part with the same number exists: a crash at any moment leaves either the segment or the
+part (or both, which recovery resolves by number). The state lives beside the folder, not in it, because Polars
+reads every file under a folder it is given (a ``_job.json`` there breaks ``polars.read_parquet(OUT)``). Each part
+also carries the id column and schema version in its Parquet metadata, so a folder copied without its state is
+still readable by ``report`` and ``load_results``.
+
+One writer at a time: a run holds an exclusive ``flock`` on the state folder's lock for its whole life; the OS
+releases it when the process dies, so ``kill -9`` never leaves a stale lock. Readers take no lock.
 
 A row can be written twice on purpose (``--retry-failed``, ``--rerun-changed``): the newer part wins, and the
 end-of-run compaction rewrites the parts holding superseded rows, so a finished run has exactly one row per id.
@@ -21,23 +30,26 @@ end-of-run compaction rewrites the parts holding superseded rows, so a finished 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import queue
 import re
+import socket
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+from pyarrow import ipc
 
 from . import __version__
 from .errors import ConfigError, JobError
@@ -70,6 +82,7 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("output_cost", pa.float64()),
     pa.field("cost", pa.float64()),
     pa.field("currency", pa.string()),
+    pa.field("simulated", pa.bool_()),  # True when the built-in simulator answered (never the real service)
 ]
 RESULT_COLUMNS = [field.name for field in RESULT_FIELDS]
 
@@ -77,6 +90,9 @@ FOLD_ROWS = 100_000  # rows per part (a 10^6-row output is ~10 files)
 ROW_GROUP_ROWS = 50_000
 COMPACT_BATCHES = 1024
 FOLD_BYTES = 128 * 1024 * 1024  # also fold a journal segment this big (one-row batches carry ~2 KB of framing)
+SCHEMA_VERSION = 2  # 1: state inside the folder (_job.json, _journal/); 2: state folder beside it
+FOLD_EVERY_S = 60.0  # fold the journal at least this often while results arrive (rows visible to every reader)
+PART_META_KEY = b"qwenvl_batch"
 _PART = re.compile(r"^part-(\d{6,})\.parquet$")
 _SEGMENT = re.compile(r"^seg-(\d{6,})\.arrows$")
 
@@ -134,7 +150,7 @@ def _row_groups(batches: Iterable[pa.RecordBatch], schema: pa.Schema, rows: int)
     compacted: list[pa.Table] = []
     count = 0
     for batch in batches:
-        small.append(batch if batch.schema == schema else batch.cast(schema))
+        small.append(batch if batch.schema == schema else conform(batch, schema))
         count += batch.num_rows
         if len(small) >= COMPACT_BATCHES:
             compacted.append(pa.Table.from_batches(small, schema=schema).combine_chunks())
@@ -159,6 +175,7 @@ class ResumeIndex:
     ok: np.ndarray  # bool
     fingerprints: np.ndarray  # uint64 (prompt.parse_fingerprints)
     committed_cost: float = 0.0  # spend recorded so far, superseded rows included: they were paid for
+    simulated: int = 0  # rows (superseded ones included) that the built-in simulator answered
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -173,15 +190,34 @@ class ResumeIndex:
         return found, found & self.ok[pos], np.where(found, self.fingerprints[pos], np.uint64(0))
 
 
-class OutputStore:
-    """One output folder; ``open()`` recovers whatever a crash left, ``writer()`` appends, ``finalize()`` compacts."""
+class OutputInUse(ConfigError):
+    """Another process holds this output's lock (exit 2: nothing was sent)."""
 
-    def __init__(self, path: Path, schema: pa.Schema, id_column: str, *, fold_rows: int = FOLD_ROWS) -> None:
+
+def state_dir_for(path: Path) -> Path:
+    """The state folder beside an output folder: ``out/x.parquet`` → ``out/x.parquet.state``."""
+    return path.with_name(path.name + ".state")
+
+
+class OutputStore:
+    """One output folder; ``recover()`` folds whatever a crash left, ``writer()`` appends, ``finalize()`` compacts.
+
+    ``lock()`` must be held by the one process that writes; readers (report, load_results) never take it.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema, id_column: str, *, fold_rows: int = FOLD_ROWS,
+                 fold_every_s: float = FOLD_EVERY_S, simulated: bool = False) -> None:
         self.path = path
         self.schema = schema
         self.id_column = id_column
         self.fold_rows = fold_rows
-        self.journal_dir = path / "_journal"
+        self.fold_every_s = fold_every_s
+        self.simulated = simulated
+        self.state_dir = state_dir_for(path)
+        self.journal_dir = self.state_dir / "journal"
+        self.meta_path = self.state_dir / "job.json"
+        self.tmp_dir = self.state_dir / "tmp"
+        self._lock_handle: Any = None
 
     # -- layout ---------------------------------------------------------------------------------------------
     def parts(self) -> list[tuple[int, Path]]:
@@ -200,58 +236,160 @@ class OutputStore:
     def part_path(self, seq: int) -> Path:
         return self.path / f"part-{seq:06d}.parquet"
 
-    # -- opening and recovery -------------------------------------------------------------------------------
-    def recover(self) -> None:
-        """If the folder exists: check it belongs to this job and fold any journal a crash left behind."""
-        if not self.path.exists():
+    # -- checks before anything is written ------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """The output and its state folder can be created and written; a one-line ConfigError otherwise."""
+        for target in (self.path, self.state_dir):
+            if target.exists() and not target.is_dir():
+                raise ConfigError(f"Output path {target} is a file; the output is a folder of Parquet parts. "
+                                  "Choose another [output] path (e.g. out/results.parquet)")
+            existing = target if target.exists() else _nearest_existing(target)
+            if not existing.is_dir():
+                raise ConfigError(f"Cannot create the output folder {target}: {existing} is a file, not a folder. "
+                                  "Choose another [output] path")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise ConfigError(f"Cannot write the output folder {target}: no write permission on {existing}. "
+                                  "Choose another [output] path (--output PATH) or fix the folder's permissions")
+
+    # -- the writer's lock ----------------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the exclusive lock on this output (created with the state folder); OutputInUse if it is held."""
+        if self._lock_handle is not None:
             return
-        if not self.path.is_dir():
-            raise ConfigError(f"Output path {self.path} is a file; the output is a folder of Parquet parts. "
-                              "Choose another [output] path (e.g. out/results.parquet)")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.state_dir / "lock", "a+", encoding="utf-8")  # noqa: SIM115 - held for the run's life
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise OutputInUse(f"Output {self.path} is in use by {holder}: one run writes an output at a time. Wait "
+                              "for it to finish (or stop it), or choose another --output") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self._lock_handle = handle
+
+    def unlock(self) -> None:
+        """Release the lock (the OS does it too when the process dies)."""
+        if self._lock_handle is not None:
+            fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    # -- opening and recovery -------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.path.exists() or self.state_dir.exists()
+
+    def recover(self) -> None:
+        """If the output exists: check it belongs to this job, fold any journal a crash left behind, and bring an
+        output written by an earlier version to the current columns. Call with the lock held."""
+        if not self.exists():
+            return
+        self._migrate_legacy_layout()
         self._check_meta()
-        for stray in self.path.glob(".part-*.tmp"):
-            stray.unlink()
+        if self.tmp_dir.exists():
+            for stray in self.tmp_dir.iterdir():
+                stray.unlink()
         for seq, segment in self.segments():
             self._fold_segment(seq, segment)
         self._check_schema()
 
     def create(self) -> None:
-        """Make the folder (only once the run is known to go ahead, so a refused run leaves nothing behind)."""
+        """Make the folders (only once the run is known to go ahead, so a refused run leaves nothing behind)."""
+        self.lock()
+        self.path.mkdir(parents=True, exist_ok=True)
         self.journal_dir.mkdir(parents=True, exist_ok=True)
-        if not (self.path / "_job.json").exists():
-            self._write_meta()
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._write_meta()
+
+    def _migrate_legacy_layout(self) -> None:
+        """Schema version 1 kept ``_job.json`` and ``_journal/`` inside the folder: move them to the state folder."""
+        legacy_meta, legacy_journal = self.path / "_job.json", self.path / "_journal"
+        if not (legacy_meta.exists() or legacy_journal.exists()):
+            return
+        self.journal_dir.mkdir(parents=True, exist_ok=True)
+        if legacy_journal.exists():
+            for segment in legacy_journal.glob("seg-*.arrows"):
+                os.replace(segment, self.journal_dir / segment.name)
+            legacy_journal.rmdir()
+        if legacy_meta.exists():
+            os.replace(legacy_meta, self.meta_path)
+        for stray in self.path.glob(".part-*.tmp"):
+            stray.unlink()
+        log.info("moved %s's journal and job metadata to %s", self.path, self.state_dir)
+
+    def read_meta(self) -> dict[str, Any]:
+        """The state folder's job.json (empty if there is none); a damaged one is a ConfigError naming it."""
+        if not self.meta_path.exists():
+            return {}
+        try:
+            meta = json.loads(self.meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{self.meta_path} is damaged ({exc}); restore it, or delete it and run again "
+                              "(the id column and columns are then read from the parts)") from None
+        return meta if isinstance(meta, dict) else {}
 
     def _check_meta(self) -> None:
-        meta_path = self.path / "_job.json"
-        if not meta_path.exists():
-            if any(self.path.iterdir()):
-                raise ConfigError(f"Output folder {self.path} holds files but is not a qwenvl-batch output; "
-                                  "choose another [output] path")
+        meta = self.read_meta()
+        if not meta:
+            others = [p for p in self.path.iterdir() if not _PART.match(p.name)] if self.path.is_dir() else []
+            if others:
+                raise ConfigError(f"Output folder {self.path} holds files that are not qwenvl-batch parts (e.g. "
+                                  f"{others[0].name}); choose another [output] path")
             return
-        meta = json.loads(meta_path.read_text())
         if meta.get("id_column") != self.id_column:
             raise ConfigError(
                 f"Output {self.path} was written with id column {meta.get('id_column')!r}, this job uses "
                 f"{self.id_column!r}; use a new [output] path"
             )
+        if int(meta.get("schema_version", 1)) > SCHEMA_VERSION:
+            raise ConfigError(f"Output {self.path} was written by a newer qwenvl-batch ({meta.get('updated_by')}); "
+                              "upgrade qwenvl-batch to resume it")
 
     def _write_meta(self) -> None:
-        meta = {"id_column": self.id_column, "created_by": f"qwenvl-batch {__version__}",
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        _atomic_write_text(self.path / "_job.json", json.dumps(meta, indent=2))
+        old = self.read_meta()
+        manifest_columns = [n for n in self.schema.names if n not in RESULT_COLUMNS]
+        meta = {"schema_version": SCHEMA_VERSION, "id_column": self.id_column,
+                "manifest_columns": manifest_columns, "result_columns": RESULT_COLUMNS,
+                "created_by": old.get("created_by", f"qwenvl-batch {__version__}"),
+                "created_at": old.get("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+                "updated_by": f"qwenvl-batch {__version__}"}
+        _atomic_write_text(self.meta_path, json.dumps(meta, indent=2))
 
     def _check_schema(self) -> None:
+        """Manifest columns must match; result columns may have grown with a newer version (old parts upgraded)."""
         parts = self.parts()
         if not parts:
             return
-        existing = pq.read_schema(parts[-1][1])
-        if existing.names != self.schema.names:
-            added = sorted(set(self.schema.names) - set(existing.names))
-            removed = sorted(set(existing.names) - set(self.schema.names))
+        existing = _read_part_schema(parts[-1][1])
+        old_results = [n for n in existing.names if n in RESULT_COLUMNS or n not in self.schema.names]
+        old_manifest = [n for n in existing.names if n not in RESULT_COLUMNS]
+        new_manifest = [n for n in self.schema.names if n not in RESULT_COLUMNS]
+        if old_manifest != new_manifest:
+            added = sorted(set(new_manifest) - set(old_manifest))
+            removed = sorted(set(old_manifest) - set(new_manifest))
             raise ConfigError(
                 f"The manifest's columns changed since {self.path} was started (added: {added or 'none'}, removed: "
                 f"{removed or 'none'}); use a new [output] path, or restore the manifest's columns"
             )
+        unknown = sorted(set(old_results) - set(RESULT_COLUMNS))
+        if unknown:
+            raise ConfigError(f"Output {self.path} has result columns this version does not know ({unknown}); it was "
+                              "written by a newer qwenvl-batch: upgrade to resume it")
+        if existing.names != self.schema.names or any(_part_schema_version(p) < SCHEMA_VERSION for _, p in parts):
+            self._upgrade_parts(parts)
+
+    def _upgrade_parts(self, parts: list[tuple[int, Path]]) -> None:
+        """Rewrite parts of an earlier version with this version's columns (new ones null), one at a time."""
+        for seq, part in parts:
+            if _read_part_schema(part).names == self.schema.names and _part_schema_version(part) == SCHEMA_VERSION:
+                continue
+            batches = pq.ParquetFile(part).iter_batches(batch_size=ROW_GROUP_ROWS)
+            self._write_part(batches, seq, replace=True)
+        log.info("upgraded %d part(s) of %s to schema version %d", len(parts), self.path, SCHEMA_VERSION)
 
     def _fold_segment(self, seq: int, segment: Path) -> None:
         """Journal segment → part with the same number, then drop the segment (safe to repeat after a crash)."""
@@ -260,17 +398,20 @@ class OutputStore:
         segment.unlink()
         _fsync_dir(self.journal_dir)
 
-    def _write_part(self, batches: Iterable[pa.RecordBatch], seq: int) -> Path | None:
+    def _write_part(self, batches: Iterable[pa.RecordBatch], seq: int, *, replace: bool = False) -> Path | None:
         """Write batches as part ``seq``, streamed in row groups (memory: one row group, whatever the part's size);
-        hidden temporary file, fsync, atomic rename. Nothing is written for no rows."""
+        temporary file in the state folder, fsync, atomic rename. Nothing is written for no rows."""
         final = self.part_path(seq)
-        tmp = self.path / f".part-{seq:06d}.parquet.tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp_dir / f"part-{seq:06d}.parquet.tmp"
+        schema = self.schema.with_metadata({PART_META_KEY: json.dumps(
+            {"id_column": self.id_column, "schema_version": SCHEMA_VERSION}).encode()})
         rows = 0
-        with pq.ParquetWriter(tmp, self.schema, compression="zstd") as writer:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for group in _row_groups(batches, self.schema, ROW_GROUP_ROWS):
-                writer.write_table(group)
+                writer.write_table(group.replace_schema_metadata(schema.metadata))
                 rows += group.num_rows
-        if not rows:
+        if not rows and not replace:
             tmp.unlink()
             return None
         with open(tmp, "rb+") as handle:
@@ -285,11 +426,13 @@ class OutputStore:
         the spend recorded so far, in the same single pass over the output."""
         hashes, ok, fingerprints = [], [], []
         cost = 0.0
-        for table in self._iter_tables(["status", "fingerprint", "cost"]):
+        simulated = 0
+        for table in self._iter_tables(["status", "fingerprint", "cost", "simulated"]):
             hashes.append(hash_ids(id_strings(table.column(self.id_column))))
             ok.append(pc.equal(table.column("status"), "ok").fill_null(False).to_numpy(zero_copy_only=False))
             fingerprints.append(fingerprints_of(table.column("fingerprint")))
             cost += pc.sum(table.column("cost")).as_py() or 0.0
+            simulated += int(pc.sum(table.column("simulated").cast(pa.int64())).as_py() or 0)
         if not hashes:
             return ResumeIndex(np.empty(0, np.uint64), np.empty(0, bool), np.empty(0, np.uint64))
         all_hashes = np.concatenate(hashes)
@@ -304,21 +447,25 @@ class OutputStore:
             ok=np.concatenate(ok)[keep],
             fingerprints=np.concatenate(fingerprints)[keep],
             committed_cost=cost,
+            simulated=simulated,
         )
 
     def _iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
-        """Parts then journal segments, oldest first, so later rows supersede earlier ones."""
+        """Parts then journal segments, oldest first, so later rows supersede earlier ones. Columns a part of an
+        earlier version lacks come back as nulls."""
         wanted = None if columns is None else [self.id_column, *columns]
         for _, part in self.parts():
-            yield pq.read_table(part, columns=wanted)
+            present = _read_part_schema(part).names
+            table = pq.read_table(part, columns=[c for c in wanted if c in present] if wanted else None)
+            yield _with_columns(table, wanted) if wanted else table
         for _, segment in self.segments():
             table = read_segment(segment, self.schema) if self.schema.names else \
                 pa.Table.from_batches(list(iter_segment(segment)))
-            yield table.select(wanted) if wanted else table
+            yield _with_columns(table, wanted) if wanted else table
 
     # -- writing --------------------------------------------------------------------------------------------
-    def writer(self) -> "ResultWriter":
-        return ResultWriter(self)
+    def writer(self, on_error: Callable[[BaseException], None] | None = None) -> ResultWriter:
+        return ResultWriter(self, on_error=on_error)
 
     def finalize(self, *, target_rows: int = FOLD_ROWS) -> None:
         """Drop superseded rows and merge small parts, so the folder holds one row per id in few files.
@@ -398,10 +545,58 @@ def _chunks_of(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[Iterato
         yield part()
 
 
+def _nearest_existing(path: Path) -> Path:
+    """The closest ancestor of ``path`` that exists (where a missing output folder would be created)."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return parent
+    return Path("/")
+
+
+def _read_part_schema(part: Path) -> pa.Schema:
+    """A part's schema; a damaged part is a ConfigError naming the file and the fix."""
+    try:
+        return pq.read_schema(part)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ConfigError(f"{part} is damaged ({exc}); move it aside (its rows are then sent again) and "
+                          "run again") from None
+
+
+def _part_schema_version(part: Path) -> int:
+    metadata = _read_part_schema(part).metadata or {}
+    raw = metadata.get(PART_META_KEY)
+    try:
+        return int(json.loads(raw)["schema_version"]) if raw else 1
+    except (ValueError, KeyError, TypeError):
+        return 1
+
+
+def _with_columns(table: pa.Table, columns: list[str]) -> pa.Table:
+    """``table`` with exactly ``columns``, in that order; missing ones (an earlier version's part) as nulls."""
+    for name in columns:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows))
+    return table.select(columns)
+
+
+def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """A batch in ``schema``'s column order and types; columns it lacks (written by an earlier version) as nulls."""
+    arrays = []
+    for target in schema:
+        index = batch.schema.get_field_index(target.name)
+        column = batch.column(index) if index >= 0 else pa.nulls(batch.num_rows, target.type)
+        arrays.append(column if column.type == target.type else column.cast(target.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+class WriterFailed(JobError):
+    """The result writer could not store results (disk full, I/O error, folder removed): the job stops."""
 
 
 class ResultWriter:
@@ -410,40 +605,56 @@ class ResultWriter:
     ``put`` is called from the event loop and only enqueues. The thread writes whatever has queued up as one
     record batch and flushes it at once (so a result survives a crash of this process within milliseconds of
     arriving), fsyncs at most a second later (so it survives a power cut too), and folds the segment into a
-    Parquet part every ``fold_rows`` rows.
+    Parquet part every ``fold_rows`` rows or ``fold_every_s`` seconds. If writing fails, ``on_error`` is called
+    at once (from the writer's thread) so the runner starts no new request; rows put after that are counted as
+    received but not stored.
     """
 
     _CLOSE = object()
 
-    def __init__(self, store: OutputStore, *, max_batch: int = 2048, fsync_every_s: float = 1.0) -> None:
+    def __init__(self, store: OutputStore, *, max_batch: int = 2048, fsync_every_s: float = 1.0,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
         self.store = store
         self.max_batch = max_batch
         self.fsync_every_s = fsync_every_s
+        self.on_error = on_error
         self.error: BaseException | None = None
+        self.lost = 0  # rows received but not stored because writing failed
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="qwenvl-batch-writer", daemon=True)
         self._seq = 0
         self._segment_rows = 0
+        self._segment_opened = 0.0
         self._sink: pa.OSFile | None = None
         self._ipc: ipc.RecordBatchStreamWriter | None = None
         self._last_fsync = 0.0
         self._dirty = False
 
-    def start(self) -> "ResultWriter":
+    def start(self) -> ResultWriter:
         self._thread.start()
         return self
 
     def put(self, row: dict[str, Any]) -> None:
         if self.error is not None:
-            raise JobError(f"Cannot write results to {self.store.path}: {self.error}")
+            self.lost += 1
+            return
+        if self.store.simulated:
+            row["simulated"] = True
         self._queue.put(row)
 
     def close(self) -> None:
-        """Write what is queued, fold the journal into a part, stop the thread."""
+        """Write what is queued, fold the journal into a part, stop the thread; WriterFailed if writing failed."""
         self._queue.put(self._CLOSE)
         self._thread.join()
         if self.error is not None:
-            raise JobError(f"Cannot write results to {self.store.path}: {self.error}")
+            raise self.failure()
+
+    def failure(self) -> WriterFailed:
+        """The job-level error for a failed writer: what failed, where, and how many answers were not stored."""
+        lost = f"; {self.lost:,} answer(s) received after it could not be stored and stay pending" if self.lost else ""
+        return WriterFailed(f"Cannot write results to {self.store.path} (journal {self.store.journal_dir}): "
+                            f"{self.error}{lost}. The output stays readable; free space or fix the folder, then run "
+                            "again to continue")
 
     def _run(self) -> None:
         try:
@@ -454,18 +665,34 @@ class ResultWriter:
                 if closing:
                     self._fold()
                     return
-        except Exception as exc:  # a full disk, a permission change: reported to the runner, which stops the job
-            log.exception("result writer failed")
+        except Exception as exc:
+            log.debug("result writer failed", exc_info=True)
             self.error = exc
+            self.lost += self._discard_queued()
+            if self.on_error is not None:
+                self.on_error(exc)
+
+    def _discard_queued(self) -> int:
+        """Rows still queued when writing failed: not stored (they stay pending), counted for the message."""
+        count = 0
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return count
+            if item is not self._CLOSE:
+                count += 1
 
     def _drain(self) -> tuple[list[dict[str, Any]], bool]:
         rows: list[dict[str, Any]] = []
-        while True:  # wait for work; a quiet second is the time to fsync what was flushed but not yet synced
+        while True:  # wait for work; a quiet second is the time to fsync (and, when due, fold) what was written
             try:
                 item = self._queue.get(timeout=self.fsync_every_s)
                 break
             except queue.Empty:
                 self._sync()
+                if self._fold_due():
+                    self._fold()
         while True:
             if item is self._CLOSE:
                 return rows, True
@@ -483,14 +710,20 @@ class ResultWriter:
             self._sink = pa.OSFile(str(self.store.journal_dir / f"seg-{self._seq:06d}.arrows"), "wb")
             self._ipc = ipc.new_stream(self._sink, self.store.schema)
             self._segment_rows = 0
+            self._segment_opened = time.monotonic()
         self._ipc.write_batch(pa.RecordBatch.from_pylist(rows, schema=self.store.schema))
+        assert self._sink is not None
         self._sink.flush()
         self._dirty = True
         if time.monotonic() - self._last_fsync >= self.fsync_every_s:
             self._sync()
         self._segment_rows += len(rows)
-        if self._segment_rows >= self.store.fold_rows or self._sink.tell() >= FOLD_BYTES:
+        if self._segment_rows >= self.store.fold_rows or self._sink.tell() >= FOLD_BYTES or self._fold_due():
             self._fold()
+
+    def _fold_due(self) -> bool:
+        """A segment open for ``fold_every_s``: fold it so every reader sees its rows within about a minute."""
+        return self._ipc is not None and time.monotonic() - self._segment_opened >= self.store.fold_every_s
 
     def _sync(self) -> None:
         """fsync the journal (survives a power cut, not only a crash) if anything was written since the last."""
@@ -500,7 +733,7 @@ class ResultWriter:
         self._last_fsync = time.monotonic()
 
     def _fold(self) -> None:
-        if self._ipc is None:
+        if self._ipc is None or self._sink is None:
             return
         self._ipc.close()
         os.fsync(self._sink.fileno())
@@ -514,19 +747,36 @@ class ResultWriter:
 def load_results(path: str | Path) -> pd.DataFrame:
     """An output folder as a DataFrame, one row per id (newest wins), including results still in the journal.
 
-    Works on the output of a run that is still going or was interrupted; ``pandas.read_parquet`` sees only the
-    committed parts.
+    Works on the output of a run that is still going or was interrupted (no lock is taken);
+    ``pandas.read_parquet`` sees only the committed parts.
     """
-    folder = Path(path)
-    meta_path = folder / "_job.json"
-    if not meta_path.exists():
-        raise ConfigError(f"{folder} is not a qwenvl-batch output folder (no _job.json)")
-    id_column = json.loads(meta_path.read_text())["id_column"]
-    store = OutputStore(folder, pa.schema([]), id_column)
+    store = open_for_reading(path)
     tables = list(store._iter_tables())
+    id_column = store.id_column
     if not tables:
         return pd.DataFrame(columns=[id_column, *RESULT_COLUMNS])
     table = pa.concat_tables(tables, promote_options="default")
     frame = table.to_pandas()
     keys = pd.Series(id_strings(table.column(id_column)))
     return frame.loc[~keys.duplicated(keep="last").to_numpy()].reset_index(drop=True)
+
+
+def open_for_reading(path: str | Path) -> OutputStore:
+    """An existing output (either layout), read-only: the id column from the state folder or the parts."""
+    folder = Path(path)
+    probe = OutputStore(folder, pa.schema([]), "")
+    meta = probe.read_meta()
+    legacy = folder / "_job.json"
+    if not meta and legacy.exists():
+        meta = json.loads(legacy.read_text())
+        probe.journal_dir = folder / "_journal"
+    id_column = meta.get("id_column")
+    if not id_column:
+        parts = probe.parts()
+        raw = (_read_part_schema(parts[0][1]).metadata or {}).get(PART_META_KEY) if parts else None
+        id_column = json.loads(raw).get("id_column") if raw else None
+    if not id_column:
+        raise ConfigError(f"{folder} is not a qwenvl-batch output folder (no {probe.meta_path}, and no part "
+                          "says which column is the id)")
+    probe.id_column = id_column
+    return probe

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from qwenvl_batch import estimate as estimate_module
-from qwenvl_batch import load_job, run_job
+from qwenvl_batch import ConfigError, load_job, run_job
 from qwenvl_batch.estimate import (
     DEFAULT_TYPICAL_COMPLETION_TOKENS,
     estimate_job,
@@ -44,7 +44,7 @@ def test_sample_job_estimate_equals_served_prompt_tokens(job_path: str, tmp_path
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """For every row of the sample jobs, the estimated prompt tokens equal those the simulator served."""
     served = _served_prompt_tokens(job_path, tmp_path, sim, monkeypatch)
-    job = load_job(Path(job_path), {"output": str(tmp_path / "o"), "base_url": sim.base_url})
+    job = load_job(Path(job_path), {"output": str(tmp_path / "fresh"), "base_url": sim.base_url})
     rows = list(estimate_rows(job))
     assert {r.key: r.prompt_tokens for r in rows} == served
     assert all(r.reason is None and r.unmeasured_images == 0 for r in rows)
@@ -72,7 +72,8 @@ def test_multi_image_rows_and_pixel_settings_match_the_simulator(tmp_path: Path,
     run_job(job)
     out = pd.read_parquet(job.output.path)
     served = dict(zip(out["id"], out["prompt_tokens"].astype(int)))
-    assert {r.key: r.prompt_tokens for r in estimate_rows(job)} == served
+    fresh = job.model_copy(update={"output": job.output.model_copy(update={"path": tmp_path / "fresh"})})
+    assert {r.key: r.prompt_tokens for r in estimate_rows(fresh)} == served
     default = image_tokens(4000, 3000, job.model.name)
     assert (served["row-0002"] > default) == (large_row_vs_default == "more")  # the setting really mattered
 
@@ -244,3 +245,26 @@ def test_render_json_and_text(tmp_path: Path, sim, make_job) -> None:
     assert f"{result.prompt_tokens_total:,} total" in text
     assert "USD" in text and f"prices as of {result.price_as_of}" in text
     assert "bound by concurrency" in text
+
+
+def test_estimate_counts_only_rows_still_to_send(tmp_path: Path, sim, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a partly done output, estimate counts the rows a run would still send, as run's own plan does."""
+    manifest = write_manifest(tmp_path / "m.csv", image_rows(tmp_path, 6))
+    raw = {"input": {"path": str(manifest), "id_column": "id", "image_columns": ["image"]},
+           "output": {"path": str(tmp_path / "out")},
+           "model": {"name": "qwen3-vl-flash", "base_url": sim.base_url, "api_key_optional": True},
+           "prompt": {"user": "Describe row {id}."}, "run": {"progress": "off"}}
+    from qwenvl_batch.config import job_from_dict
+
+    run_job(job_from_dict({**raw, "run": {"progress": "off", "limit": 4}}, base_dir=tmp_path))
+    result = estimate_job(job_from_dict(raw, base_dir=tmp_path))
+    assert (result.rows, result.already_done, result.rows_to_send) == (6, 4, 2)
+
+
+def test_estimate_refuses_duplicate_ids_like_run(tmp_path: Path, sim, make_job) -> None:
+    """Duplicate ids are refused by estimate with the same message run gives."""
+    rows = image_rows(tmp_path, 3)
+    rows[2]["id"] = rows[0]["id"]
+    job = make_job(write_manifest(tmp_path / "m.csv", rows))
+    with pytest.raises(ConfigError, match="duplicate ids"):
+        estimate_job(job)

@@ -313,12 +313,13 @@ def test_unknown_model_stops_the_job(tmp_path: Path, sim, make_job) -> None:
 
 
 def test_output_layout_is_a_readable_dataset(tmp_path: Path, sim, make_job) -> None:
-    """The output folder holds Parquet parts and hidden bookkeeping that pandas ignores."""
+    """The output folder holds only Parquet parts; the journal, lock and job metadata live in OUT.state beside it."""
     job = make_job(write_manifest(tmp_path / "m.csv", image_rows(tmp_path, 5)))
     run_job(job)
     names = sorted(p.name for p in job.output.path.iterdir())
-    assert names[0].startswith("_") and any(n.startswith("part-") for n in names)
-    assert json.loads((job.output.path / "_job.json").read_text())["id_column"] == "id"
+    assert names and all(n.startswith("part-") and n.endswith(".parquet") for n in names)
+    state = job.output.path.with_name(job.output.path.name + ".state")
+    assert json.loads((state / "job.json").read_text())["id_column"] == "id"
     assert len(load_results(job.output.path)) == 5
 
 

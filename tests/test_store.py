@@ -81,13 +81,13 @@ def test_crash_between_part_and_segment_delete_does_not_duplicate(tmp_path: Path
 
 
 def test_stray_temporary_part_is_removed(tmp_path: Path) -> None:
-    """A part being written at the crash (hidden temp file) is discarded; readers never saw it."""
+    """A part being written at the crash (temp file in the state folder) is discarded; readers never saw it."""
     store = _store(tmp_path)
     _write(store, [_row("a")])
-    (store.path / ".part-000009.parquet.tmp").write_bytes(b"half a parquet file")
-    assert len(pd.read_parquet(store.path)) == 1  # hidden files are ignored by readers
+    (store.tmp_dir / "part-000009.parquet.tmp").write_bytes(b"half a parquet file")
+    assert len(pd.read_parquet(store.path)) == 1
     OutputStore(store.path, store.schema, "id").recover()
-    assert not list(store.path.glob(".part-*"))
+    assert not list(store.tmp_dir.iterdir())
 
 
 def test_newest_row_wins_and_finalize_leaves_one_row_per_id(tmp_path: Path) -> None:

@@ -1,0 +1,241 @@
+"""The per-row worker: one manifest row → images prepared → rate limit → request with retries → result row.
+
+``concurrency`` of these loops share one queue. A row's own failures become data (an error row); a job-level
+failure (bad key, spend cap, a bug) stops the run through ``JobRun.stop`` and the worker returns, so nothing
+new is started after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import tokens
+from .client import ChatClient, Completion
+from .config import is_stream_only
+from .errors import InputRowError, JobError, SpendCapReached
+from .limits import Limiter
+from .media import PreparedImage, ResizePolicy, prepare_image
+from .policy import Action, Decision, PartialResponseError, classify
+from .pricing import row_cost
+from .progress import Progress
+from .prompt import RenderedRow, build_messages
+from .results import local_image_bytes
+from .retrying import Abandoned, RetryAdapter, interruptible_sleep
+from .store import ResultWriter
+
+if TYPE_CHECKING:
+    from .runner import JobRun
+
+log = logging.getLogger(__name__)
+
+INLINE_PREPARE_BYTES = 256 * 1024  # images up to this size (base64) are prepared on the event loop
+EXPECTED_COMPLETION_TOKENS = 256  # rate-limiter guess when max_tokens is unset; corrected by real usage
+WORST_CASE_COMPLETION_TOKENS = 8192  # spend-cap worst case when max_tokens is unset (Qwen-VL's usual max output)
+WORST_CASE_THINKING_TOKENS = 32768  # thinking is not bounded by max_tokens; thinking_budget bounds it when set
+
+Item = tuple[dict[str, Any], str]  # a manifest row to do and its fingerprint (hex)
+
+
+class RowWorker:
+    """What every worker does with one row; shared state lives on the JobRun."""
+
+    def __init__(self, run: JobRun, client: ChatClient, limiter: Limiter, writer: ResultWriter,
+                 progress: Progress) -> None:
+        self.run = run
+        self.job = run.job
+        self.client = client
+        self.limiter = limiter
+        self.writer = writer
+        self.progress = progress
+        self.limits = run.job.limits
+        self.rows = run.rows
+        self.retry = RetryAdapter(self.limits, stopping=lambda: run.stopping, sleep=self._sleep,
+                                  on_retry=self._on_retry)
+
+    async def loop(self, queue: asyncio.Queue[Item | None]) -> None:
+        """Take rows until the queue says done (None) or the run stops; a job-level error stops the run."""
+        while not self.run.stopping:
+            item = await queue.get()
+            if item is None:
+                return
+            row, fingerprint = item
+            try:
+                result = await self.process(row)
+            except JobError as exc:
+                self.run.stop(exc)
+                return
+            if result is not None:
+                result["fingerprint"] = fingerprint
+                self.record(result)
+
+    async def process(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """One row end to end; returns its output row, or None to leave it pending (the run is stopping)."""
+        rendered = self.run.renderer.render(row)
+        if rendered.error is not None:
+            return self.rows.error(row, "input", rendered.error.code, str(rendered.error), attempts=0)
+        reserved = local_image_bytes(rendered)
+        await self.run.image_bytes.acquire(reserved)  # bounds image bytes in memory, not only requests
+        try:
+            return await self._process_rendered(row, rendered, reserved)
+        finally:
+            self.run.image_bytes.release(reserved)
+
+    async def _prepare(self, rendered: RenderedRow, file_bytes: int) -> list[PreparedImage]:
+        """Read, check and encode the row's images: small ones right here (a thread hop costs more than the work),
+        big ones in a worker thread so the event loop keeps serving the other requests."""
+        if file_bytes <= INLINE_PREPARE_BYTES:
+            return prepare_all(rendered, self.run.resize)
+        async with self.run.preparing:
+            return await asyncio.to_thread(prepare_all, rendered, self.run.resize)
+
+    async def _process_rendered(self, row: dict[str, Any], rendered: RenderedRow,
+                                reserved: int) -> dict[str, Any] | None:
+        try:
+            images = await self._prepare(rendered, reserved)
+        except InputRowError as exc:
+            return self.rows.error(row, "input", exc.code, str(exc), attempts=0)
+        messages = build_messages(rendered, images, min_pixels=self.job.model.min_pixels,
+                                  max_pixels=self.job.model.max_pixels)
+        prompt_estimate = self.estimate_prompt_tokens(rendered, images)
+        estimate = prompt_estimate + (self.job.model.max_tokens or EXPECTED_COMPLETION_TOKENS)
+        started = time.monotonic()
+        billed: list[dict[str, Any]] = []  # the cost of every attempt the provider billed, the answer's included
+        completion, attempts, failure = await self._send(messages, estimate, self.worst_case_cost(prompt_estimate),
+                                                         billed)
+        latency_s = time.monotonic() - started
+        if completion is not None:
+            self.limiter.settle(estimate, completion.total_tokens)
+            return self.rows.ok(row, completion, attempts, latency_s, billed)
+        if failure is None:
+            return None  # the run is stopping: leave the row pending
+        decision = classify_failure(failure)
+        if decision.action is Action.STOP_JOB:
+            raise JobError(decision.message, code=decision.code)
+        if decision.action is Action.RETRY and self.run.stopping:
+            return None
+        message = decision.message
+        if decision.action is Action.RETRY:
+            message = f"gave up after {attempts} attempt(s): {message}"
+        return self.rows.error(row, decision.error_type, decision.code, message, attempts=attempts,
+                               latency_s=latency_s, billed=billed)
+
+    async def _send(self, messages: list[dict[str, Any]], estimate: int, worst_cost: float,
+                    billed: list[dict[str, Any]]) -> tuple[Completion | None, int, BaseException | None]:
+        """Attempts with retries: (completion, attempts, None), (None, attempts, last failure), or (None, n, None)
+        when the run is stopping. JobErrors (the spend cap) propagate."""
+        attempts = 0
+        completion: Completion | None = None
+        try:
+            async for attempt in self.retry.attempts():
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    if self.run.stopping:
+                        raise Abandoned()
+                    completion = await self._attempt(messages, estimate, worst_cost, billed)
+        except Abandoned:
+            return None, attempts, None
+        except JobError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - judged by classify_failure, which never raises
+            return None, attempts, exc
+        return completion, attempts, None
+
+    async def _attempt(self, messages: list[dict[str, Any]], estimate: int, worst_cost: float,
+                       billed: list[dict[str, Any]]) -> Completion:
+        """One request: reserve the worst-case spend, wait for the rate limiter, send, book what was billed."""
+        self._reserve_spend(worst_cost)
+        actual_cost = 0.0
+        try:
+            await self.limiter.acquire(estimate)
+            completion = await self.client.complete(messages)
+            billed.append(self.rows.cost_of(completion))
+            actual_cost = billed[-1].get("cost") or 0.0
+            return completion
+        except PartialResponseError as exc:  # billed although not usable: count it, then retry
+            if isinstance(exc.billed, Completion):
+                billed.append(self.rows.cost_of(exc.billed))
+                actual_cost = billed[-1].get("cost") or 0.0
+            raise
+        finally:
+            self.run.spend.release(worst_cost, actual_cost)
+
+    def _on_retry(self, decision: Decision, attempt: int) -> None:
+        counters = self.run.counters
+        counters.retries += 1
+        counters.retry_reasons[decision.reason] = counters.retry_reasons.get(decision.reason, 0) + 1
+        if decision.error_type == "rate_limit":
+            self.limiter.on_throttle(decision.retry_after_s)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Backoff that wakes up early when the run is stopping (the row is then left pending)."""
+        await interruptible_sleep(seconds, self.run.wait_stopped)
+
+    def _reserve_spend(self, worst_cost: float) -> None:
+        spend = self.run.spend
+        if not spend.reserve(worst_cost):
+            currency = self.run.price.currency if self.run.price else ""
+            raise SpendCapReached(
+                f"Spend cap reached: {spend.committed:.4f} {currency} spent, and the requests in flight could bring "
+                f"it over max_cost {spend.cap:.4f} {currency}. Raise the cap (--max-cost or [limits] max_cost) and "
+                "run again to continue; committed results are kept."
+            )
+
+    def worst_case_cost(self, prompt_tokens: int) -> float:
+        """What one request could cost at most: its prompt plus the longest completion it may produce."""
+        price = self.run.price
+        if price is None or self.run.spend.cap is None:
+            return 0.0
+        model = self.job.model
+        completion = model.max_tokens or WORST_CASE_COMPLETION_TOKENS
+        if is_stream_only(model.name) or model.extra_body.get("enable_thinking"):
+            completion += int(model.extra_body.get("thinking_budget") or WORST_CASE_THINKING_TOKENS)
+        try:
+            return row_cost(price, prompt_tokens=prompt_tokens, completion_tokens=completion).cost
+        except ValueError:  # above the last priced tier: price it at the top tier rather than not at all
+            top = price.tiers[-1]
+            return (prompt_tokens * top.input_per_mtok + completion * top.output_per_mtok) / 1e6
+
+    def estimate_prompt_tokens(self, rendered: RenderedRow, images: list[PreparedImage]) -> int:
+        """Prompt tokens from the real image sizes (Qwen-VL's resize rule), before sending."""
+        sizes = [(i.width, i.height) if i.width and i.height else None for i in images]
+        try:
+            return self.run.prompt_tokens.count(rendered, sizes)
+        except tokens.ImageSizeError:  # an odd data-URL size: the provider will say; budget the maximum meanwhile
+            return self.run.prompt_tokens.count(rendered, [None] * len(images))
+
+    def record(self, result: dict[str, Any]) -> None:
+        """Hand the row to the writer (durable within milliseconds) and update the live counters."""
+        self.writer.put(result)
+        counters = self.run.counters
+        counters.cost += result.get("cost") or 0.0
+        if result["status"] == "ok":
+            counters.ok += 1
+            counters.prompt_tokens += result.get("prompt_tokens") or 0
+            counters.completion_tokens += result.get("completion_tokens") or 0
+        else:
+            counters.errors += 1
+            kind = result.get("error_type") or "unknown"
+            counters.error_types[kind] = counters.error_types.get(kind, 0) + 1
+        self.progress.update()
+
+
+def classify_failure(exc: BaseException) -> Decision:
+    """policy.classify, or — for an exception nobody expected — a row error that says what it was.
+
+    One request must never crash the run: an unknown exception type is recorded on its row (and logged with
+    its traceback at debug level) instead of propagating.
+    """
+    try:
+        return classify(exc)
+    except Exception:
+        log.debug("unexpected error from one request", exc_info=exc)
+        return Decision(Action.ROW_ERROR, "unexpected", "unexpected", code=type(exc).__name__,
+                        message=f"unexpected error: {type(exc).__name__}: {exc}"[:2000])
+
+
+def prepare_all(rendered: RenderedRow, resize: ResizePolicy) -> list[PreparedImage]:
+    """Every image of a row, read, checked and encoded."""
+    return [prepare_image(ref, resize) for ref in rendered.images]
