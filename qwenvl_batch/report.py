@@ -71,6 +71,7 @@ def summarize(df: pd.DataFrame, *, by: str | None = None) -> dict[str, Any]:
         "rows": len(df),
         "by": by,
         "missing_columns": [c for c in OUTPUT_COLUMNS if c not in df.columns],
+        "simulated_rows": int(df["simulated"].fillna(False).astype(bool).sum()) if "simulated" in df.columns else 0,
         "overall": _section(df),
         "groups": groups,
     }
@@ -394,6 +395,9 @@ def _right(column: _Column, cells: Sequence[str]) -> bool:
 
 def _header_lines(summary: dict[str, Any]) -> list[str]:
     lines = [f"Rows: {summary['rows']:,}"]
+    if summary.get("simulated_rows"):
+        lines.append(f"SIMULATED: {summary['simulated_rows']:,} row(s) were answered by the built-in simulator "
+                     "(--simulate), not the real service")
     if summary.get("by"):
         lines.append(f"Grouped by: {summary['by']}")
     if summary.get("missing_columns"):

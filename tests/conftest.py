@@ -83,3 +83,45 @@ def make_job(tmp_path: Path, sim: SimulatorThread) -> Callable[..., JobConfig]:
 def ok_requests_for(sim: SimulatorThread, key: str) -> int:
     """How many successful requests carried this row's id in their text (prompts are 'Describe row {id}.')."""
     return sum(1 for r in sim.requests if r["outcome"] == "ok" and f"row {key}." in r["text"])
+
+
+class SimulatorProcess:
+    """The simulator in a process of its own (``qwenvl-batch simulate``), for tests where timing matters: an
+    in-process simulator shares the test's GIL and event-loop time, so a busy machine turns its latency into
+    the client's timeouts."""
+
+    def __init__(self, tmp_path: Path, *flags: str) -> None:
+        import subprocess
+
+        self.log_path = tmp_path / f"sim-{id(self)}.jsonl"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qwenvl_batch", "simulate", "--port", "0", "--request-log", str(self.log_path),
+             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if "listening on " not in line:
+            self.proc.kill()
+            raise RuntimeError(f"simulator did not start: {line!r} {self.proc.stderr.read() if self.proc.stderr else ''}")
+        self.base_url = line.rsplit("listening on ", 1)[1].strip()
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        from qwenvl_batch.simulator import iter_log_file
+
+        return list(iter_log_file(self.log_path)) if self.log_path.exists() else []
+
+    def stop(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except Exception:  # noqa: BLE001 - a simulator that will not stop is killed
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> SimulatorProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -11,7 +11,7 @@ import pytest
 from qwenvl_batch import JobError, load_results, run_job
 from qwenvl_batch.simulator import SimulatorConfig, SimulatorThread
 
-from conftest import image_rows, write_manifest
+from conftest import SimulatorProcess, image_rows, write_manifest
 
 MARKED = {"user": "Describe row {id}. {note}"}
 
@@ -126,16 +126,18 @@ def test_null_reasoning_tokens_are_derived(tmp_path: Path, make_job) -> None:
                                                      (True, "aiohttp")])
 def test_run_under_mixed_faults_ends_all_ok_and_pays_once(tmp_path: Path, make_job, stream: bool,
                                                           http_client: str) -> None:
-    """10% 5xx, 5% dropped connections, 2% hangs, 5% cut streams: every row ends ok, none paid twice."""
-    config = SimulatorConfig(fail_500_rate=0.05, fail_503_rate=0.05, drop_rate=0.05, hang_rate=0.02,
-                             truncate_rate=0.05 if stream else 0.0, seed=7, hang_s=30)
-    with SimulatorThread(config) as server:
+    """10% 5xx, 5% dropped connections, 2% hangs, 5% cut streams: every row ends ok, none paid twice.
+
+    The simulator runs in its own process: its latency must not depend on this process's load (0.5 s timeouts)."""
+    flags = ["--fail-500-rate", "0.05", "--fail-503-rate", "0.05", "--drop-rate", "0.05", "--hang-rate", "0.02",
+             "--truncate-rate", "0.05" if stream else "0", "--seed", "7"]
+    with SimulatorProcess(tmp_path, *flags) as server:
         job = make_job(write_manifest(tmp_path / "m.csv", image_rows(tmp_path, 200)),
                        model={"base_url": server.base_url, "stream": stream},
                        limits={"concurrency": 16, "max_attempts": 12, "timeout_s": 0.5,
                                "stream_idle_timeout_s": 0.5, "http_client": http_client})
         summary = run_job(job)
-        log = server.requests
+    log = server.requests
     out = pd.read_parquet(job.output.path)
     assert len(out) == 200 and out["id"].is_unique and (out["status"] == "ok").all()
     served_ok = Counter(r["text"] for r in log if r["outcome"] == "ok")

@@ -284,7 +284,7 @@ def test_local_images_are_sent_as_data_urls_with_sniffed_mime(tmp_path: Path, si
     write_image(tmp_path / "liar.jpg", fmt="PNG")
     job = make_job(write_manifest(tmp_path / "m.csv", [{"id": "p", "image": "liar.jpg"}]))
     run_job(job)
-    assert sim.requests[0]["outcome"] == "ok"
+    assert sim.requests[0]["image_types"] == ["image/png"]  # what the client declared, as the server saw it
     assert pd.read_parquet(job.output.path).loc[0, "status"] == "ok"
 
 

@@ -252,6 +252,9 @@ def test_simulated_rows_are_marked_and_a_real_run_says_so(tmp_path: Path, sim, m
     run_job(make_job(manifest, run={"simulate": True}))
     out = pd.read_parquet(make_job(manifest).output.path)
     assert out["simulated"].all()
+    from qwenvl_batch.report import render, summarize
+
+    assert "SIMULATED: 3 row(s)" in render(summarize(load_results(make_job(manifest).output.path)), "text")
     with pytest.raises(ConfigError, match="3 row.*SIMULATOR"):
         run_job(make_job(manifest))
     summary = run_job(make_job(manifest, run={"rerun_changed": True}))

@@ -107,6 +107,7 @@ class Trace:
     stream: bool = False
     text: str = ""
     n_images: int = 0
+    image_types: tuple[str, ...] = ()  # the MIME type of each data-URL image ("url" for a URL), in order
     prompt_tokens: int | None = None
     completion_tokens: int = 0
 
@@ -121,6 +122,7 @@ class Trace:
             "code": code,
             "text": self.text,
             "n_images": self.n_images,
+            "image_types": list(self.image_types),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "request_id": self.request_id,

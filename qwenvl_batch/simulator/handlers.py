@@ -158,6 +158,7 @@ async def prepare(
     trace.stream = body.get("stream") is True
     chat = parse_chat_request(body, state)
     trace.text, trace.n_images = chat.full_text, len(chat.images)
+    trace.image_types = tuple(_image_type(ref.url) for ref in chat.images)
     parse_markers(chat.full_text)  # refuse unknown marker kinds before any work
     images = [await measure_image(ref, state) for ref in chat.images]
     usage = count_prompt(chat, images)
@@ -253,3 +254,8 @@ def create_app(config: SimulatorConfig) -> web.Application:
 
 
 # --------------------------------------------------------------------------------------------------------
+
+
+def _image_type(url: str) -> str:
+    """A data URL's declared MIME type (what the client claimed), or "url" for a link."""
+    return url[5:].split(";", 1)[0].split(",", 1)[0] if url.startswith("data:") else "url"
