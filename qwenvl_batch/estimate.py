@@ -40,6 +40,7 @@ import numpy as np
 
 from . import tokens
 from .config import JobConfig
+from .currency import check_cap_currency
 from .errors import ConfigError, InputRowError
 from .manifest import Manifest, limited_batches, open_manifest, require_columns
 from .media import ImageInfo, ImageRef, ResizePolicy, probe_image
@@ -259,13 +260,14 @@ def estimate_job(
         raise ConfigError(f"typical_completion_tokens must be >= 0, got {typical_completion_tokens}")
     if assumed_latency_s < 0 or not math.isfinite(assumed_latency_s):
         raise ConfigError(f"assumed_latency_s must be a finite number >= 0, got {assumed_latency_s}")
+    price = (prices or PriceTable.builtin()).lookup(job.model.name, job.model.region)
+    check_cap_currency(job, price)  # a cap in another currency than the price's: refused before the scan
     tally = _Tally()
     for row in estimate_rows(job):
         tally.add(row)
     prompt = tally.prompt_tokens()
     max_tokens = job.model.max_tokens
     typical = _typical_completion(max_tokens, typical_completion_tokens)
-    price = (prices or PriceTable.builtin()).lookup(job.model.name, job.model.region)
     costs = _Costs.of(price, prompt, typical, max_tokens)
     limits = job.limits
     wall = wall_time(

@@ -35,6 +35,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from . import tokens
 from .client import ChatClient, Completion
 from .config import JobConfig, is_stream_only
+from .currency import check_cap_currency, committed_spend
 from .errors import ConfigError, InputRowError, Interrupted, JobError, SpendCapReached
 from .limits import ByteBudget, Limiter, SpendMeter
 from .manifest import IdTracker, Manifest, id_strings, limited_batches, open_manifest, require_columns
@@ -190,6 +191,7 @@ class JobRun:
                 f"[limits] max_cost is set, but no price is known for model {job.model.name!r}, so spend cannot be "
                 "capped; add its price with [pricing] file / --prices FILE (see README 'Cost')"
             )
+        check_cap_currency(job, self.price)  # a cap stated in another currency than the price's: refused
         self.counters = Counters()
         self._stop_reason: BaseException | None = None
         self._stop_event: asyncio.Event | None = None
@@ -206,6 +208,8 @@ class JobRun:
         self.store.recover()
         index = self.store.resume_index()
         plan = plan_run(self.job, self.manifest, self.renderer, index)
+        committed = committed_spend(index.committed_costs, self.price.currency if self.price else None,
+                                    output=self.job.output.path, capped=self.job.limits.max_cost is not None)
         self.store.create()
         self._stop_event = asyncio.Event()
         writer = self.store.writer().start()
@@ -213,7 +217,7 @@ class JobRun:
         client = ChatClient(self.job, api_key=self.job.api_key(), base_url=self.base_url)
         limiter = Limiter(requests_per_minute=self.job.limits.requests_per_minute,
                           tokens_per_minute=self.job.limits.tokens_per_minute)
-        self.spend = SpendMeter(self.job.limits.max_cost, index.committed_cost)
+        self.spend = SpendMeter(self.job.limits.max_cost, committed)
         self.image_bytes = ByteBudget(int(self.job.limits.max_inflight_mb * 1024 * 1024))
         self.counters.prior_cost = self.spend.committed
         self.counters.to_do = plan.to_do
