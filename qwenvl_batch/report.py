@@ -18,8 +18,9 @@ import csv
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -113,7 +114,7 @@ def _float(value: float) -> float | None:
 def _status(df: pd.DataFrame) -> dict[str, int]:
     counts = _labels(df, "status", _PENDING).value_counts()
     order = {"ok": 0, "error": 1, _PENDING: 3}
-    return {str(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: (order.get(kv[0], 2), kv[0]))}
+    return {str(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: (order.get(str(kv[0]), 2), str(kv[0])))}
 
 
 def _error_rows(df: pd.DataFrame) -> pd.DataFrame:

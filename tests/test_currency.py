@@ -130,6 +130,17 @@ def test_cny_cap_on_an_output_with_usd_spend_is_refused(tmp_path: Path, sim: Sim
     assert "Costs are in 2 currencies (CNY, USD)" in render(report, "text")
 
 
+def test_us_deployment_model_is_costed_at_its_usd_price(tmp_path: Path, sim: SimulatorThread, region_job) -> None:
+    """A -us model in region us (the simulator takes the suffix) is costed at the US deployment's USD rates."""
+    job = region_job(write_manifest(tmp_path / "m.csv", image_rows(tmp_path, 2)), region="us",
+                     model={"name": "qwen3-vl-flash-us"})
+    run_job(job, base_url=sim.base_url)
+    out = load_results(job.output.path)
+    assert (out["currency"] == "USD").all() and (out["status"] == "ok").all()
+    expected = (out["prompt_tokens"] * 0.05 + out["completion_tokens"] * 0.40) / 1e6
+    assert out["cost"].tolist() == pytest.approx(expected.tolist(), rel=1e-12)
+
+
 def test_estimate_of_a_beijing_job_is_in_cny(tmp_path: Path, region_job) -> None:
     """The estimate of a Beijing job uses the CNY price list (its source and date), not Singapore's USD."""
     job = region_job(write_manifest(tmp_path / "m.csv", image_rows(tmp_path, 3)), limits={"max_cost": 10})

@@ -10,7 +10,13 @@ import pandas as pd
 import pytest
 
 from qwenvl_batch.errors import ConfigError
-from qwenvl_batch.pricing import ModelPrice, PriceTable, add_cost_columns, row_cost, unpriced_models
+from qwenvl_batch.pricing import (
+    ModelPrice,
+    PriceTable,
+    add_cost_columns,
+    row_cost,
+    unpriced_models,
+)
 
 BUILTIN = PriceTable.builtin()
 
