@@ -64,8 +64,9 @@ _OVERRIDE_FLAGS: dict[str, dict[str, Any]] = {
     "--max-attempts": {"type": int, "help": "attempts per row before it is recorded as an error"},
     "--timeout": {"type": float, "help": "total seconds allowed for one request attempt"},
     "--limit": {"type": int, "metavar": "N", "help": "only the first N rows of the manifest"},
-    "--max-cost": {"type": float, "metavar": "AMOUNT",
-                   "help": "spend cap for the output (all runs together), in the price table's currency"},
+    "--max-cost": {"metavar": "AMOUNT",
+                   "help": 'spend cap for the output (all runs together), e.g. 25 or "180 CNY"; a bare number is in '
+                           "the currency the model is priced in (see README 'Cost')"},
     "--prices": {"metavar": "FILE", "help": "price file that extends/overrides the built-in prices"},
     "--retry-failed": {"action": "store_true", "help": "send rows that ended in 'error' again"},
     "--rerun-changed": {"action": "store_true",

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from .currency import split_cap
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -135,8 +136,15 @@ class LimitsConfig(_Section):
     retry_max_s: float = Field(default=60.0, ge=0)
     grace_s: float = Field(default=10.0, ge=0)
     max_cost: float | None = Field(default=None, ge=0)
+    max_cost_currency: str | None = None  # None: the currency the job's model and region are priced in
     http_client: Literal["auto", "httpx", "aiohttp"] = "auto"
     max_inflight_mb: float = Field(default=512.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cap_with_currency(cls, data: Any) -> Any:
+        """``max_cost = "50 CNY"`` → ``max_cost = 50``, ``max_cost_currency = "CNY"`` (see currency.split_cap)."""
+        return split_cap(data) if isinstance(data, Mapping) else data
 
 
 class ImagesConfig(_Section):
@@ -287,6 +295,8 @@ def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> set[
             cwd_paths.add(flag)
         if flag == "base_url":  # a URL given on the command line replaces the job file's region
             data[section].pop("region", None)
+        if flag == "max_cost":  # --max-cost "50 CNY" replaces the job file's cap, its currency included
+            data[section].pop("max_cost_currency", None)
     return cwd_paths
 
 

@@ -272,7 +272,7 @@ def estimate_job(
         raise ConfigError(f"typical_completion_tokens must be >= 0, got {typical_completion_tokens}")
     if assumed_latency_s < 0 or not math.isfinite(assumed_latency_s):
         raise ConfigError(f"assumed_latency_s must be a finite number >= 0, got {assumed_latency_s}")
-    planned = plan_estimate(job, prices)
+    planned = plan_estimate(job, prices)  # a cap in another currency than the price's is refused here
     tally = _Tally()
     for row in estimate_rows(job, planned):
         tally.add(row)

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from .config import JobConfig
+from .currency import check_cap_currency
 from .errors import ConfigError
 from .manifest import (
     IdTracker,
@@ -79,6 +80,7 @@ def open_job(job: JobConfig, prices: PriceTable | None = None, *, sending: bool 
                 f"[limits] max_cost is set, but no price is known for model {job.model.name!r}, so spend cannot be "
                 "capped; add its price with [pricing] file / --prices FILE (see README 'Cost')"
             )
+    check_cap_currency(job, price)  # a cap stated in another currency than the price's: refused
     image_columns = [c for c in job.input.image_columns if c in manifest.columns]
     return JobSetup(job, manifest, renderer, store, price, image_columns)
 

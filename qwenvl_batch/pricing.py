@@ -8,11 +8,17 @@ Why costs are computed per row from that row's own usage: the provider bills eac
 by *that request's* prompt tokens, so an average over the run would be wrong as soon as some requests cross a
 tier boundary. A row without a known price gets an empty cost, never a guessed one; the report names those
 models, because a bill nobody predicted is worse than a gap everybody can see.
+
+Why per region, each entry with its own currency: the same model name has different prices in Singapore and
+Virginia (USD) and Beijing (CNY, with its own tiers), and a dated snapshot is not always billed like its family.
+So a price is looked up by (model, region) and never borrowed from another region, and every cost carries its
+currency; amounts in different currencies are never added (see ``currency.py`` for the spend cap).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import math
 import re
@@ -319,7 +325,7 @@ def _parse_tiers(entry: Mapping[str, Any], origin: str, key: str) -> tuple[Tier,
         raise _fail(origin, f"{key}.tiers", "missing: give tiers = [...] or input_per_mtok and output_per_mtok")
     tiers = tuple(_parse_tier(t, origin, f"{key}.tiers[{i}]", last=i == len(raw) - 1) for i, t in enumerate(raw))
     bounds = [t.max_prompt_tokens for t in tiers if t.max_prompt_tokens is not None]
-    if any(b <= a for a, b in zip(bounds, bounds[1:])):
+    if any(b <= a for a, b in itertools.pairwise(bounds)):
         raise _fail(origin, f"{key}.tiers", f"max_prompt_tokens must increase from tier to tier, got {bounds}")
     return tiers
 

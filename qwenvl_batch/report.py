@@ -7,7 +7,9 @@ once and every format shows the same numbers, and the dict can be stored beside 
 Every figure is computed from what the frame holds, so an interrupted run (pending rows, missing columns) or a
 run where every row failed still gets a summary: a figure that cannot be computed is ``None`` ("n/a"), never
 an exception. Costs come from the per-row cost columns (see ``pricing.add_cost_columns``): a model whose rows
-used tokens but have no cost is listed as having no price, so a total never silently leaves rows out.
+used tokens but have no cost is listed as having no price, so a total never silently leaves rows out. Costs
+are totalled per currency (an output may hold USD rows from Singapore and CNY rows from Beijing): there is no
+exchange rate anyone could audit, so amounts in different currencies are never added up.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def _float(value: float) -> float | None:
 def _status(df: pd.DataFrame) -> dict[str, int]:
     counts = _labels(df, "status", _PENDING).value_counts()
     order = {"ok": 0, "error": 1, _PENDING: 3}
-    return {str(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: (order.get(kv[0], 2), kv[0]))}
+    return {str(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: (order.get(str(kv[0]), 2), str(kv[0])))}
 
 
 def _error_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -402,6 +404,10 @@ def _header_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(f"Grouped by: {summary['by']}")
     if summary.get("missing_columns"):
         lines.append(f"Columns missing from this output: {', '.join(summary['missing_columns'])}")
+    currencies = [c["currency"] for c in summary["overall"]["cost"]["total"]]
+    if len(currencies) > 1:
+        lines.append(f"Costs are in {len(currencies)} currencies ({', '.join(currencies)}): each has its own total; "
+                     "they are never added up or converted")
     unpriced = summary["overall"]["cost"]["unpriced"]
     if unpriced:
         lines.append("No price for: " + ", ".join(u["model"] for u in unpriced) + " (their rows are not in the totals)")

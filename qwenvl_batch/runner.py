@@ -33,6 +33,7 @@ import pyarrow as pa
 
 from .client import ChatClient
 from .config import JobConfig
+from .currency import committed_spend
 from .errors import ConfigError, Interrupted, JobError
 from .limits import ByteBudget, Limiter, SpendMeter
 from .manifest import BATCH_ROWS, limited_batches
@@ -137,8 +138,10 @@ class JobRun:
             self.store.recover()
             index = self.store.resume_index()
             plan = plan_rows(self.job, self.manifest, self.renderer, index)
+            committed = committed_spend(index.committed_costs, self.price.currency if self.price else None,
+                                        output=self.job.output.path, capped=self.job.limits.max_cost is not None)
             self.store.create()
-            self.spend = SpendMeter(self.job.limits.max_cost, index.committed_cost)
+            self.spend = SpendMeter(self.job.limits.max_cost, committed)
             await self._execute(plan)
             return self._finish(plan, started)
         finally:

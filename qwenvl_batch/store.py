@@ -40,7 +40,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 from pyarrow import ipc
 
 from . import __version__
+from .currency import add_spend
 from .errors import ConfigError, JobError
 from .manifest import hash_ids, id_strings
 from .prompt import fingerprints_of
@@ -174,7 +175,8 @@ class ResumeIndex:
     hashes: np.ndarray  # uint64, sorted
     ok: np.ndarray  # bool
     fingerprints: np.ndarray  # uint64 (prompt.parse_fingerprints)
-    committed_cost: float = 0.0  # spend recorded so far, superseded rows included: they were paid for
+    # spend recorded so far per currency, superseded rows included (they were paid for); never summed across
+    committed_costs: dict[str, float] = field(default_factory=dict)
     simulated: int = 0  # rows (superseded ones included) that the built-in simulator answered
 
     def __len__(self) -> int:
@@ -425,13 +427,13 @@ class OutputStore:
         """Committed rows (parts and journal), newest per id, as a compact sorted index (17 bytes per row), and
         the spend recorded so far, in the same single pass over the output."""
         hashes, ok, fingerprints = [], [], []
-        cost = 0.0
+        costs: dict[str, float] = {}
         simulated = 0
-        for table in self._iter_tables(["status", "fingerprint", "cost", "simulated"]):
+        for table in self._iter_tables(["status", "fingerprint", "cost", "currency", "simulated"]):
             hashes.append(hash_ids(id_strings(table.column(self.id_column))))
             ok.append(pc.equal(table.column("status"), "ok").fill_null(False).to_numpy(zero_copy_only=False))
             fingerprints.append(fingerprints_of(table.column("fingerprint")))
-            cost += pc.sum(table.column("cost")).as_py() or 0.0
+            add_spend(costs, table.column("cost"), table.column("currency"))
             simulated += int(pc.sum(table.column("simulated").cast(pa.int64())).as_py() or 0)
         if not hashes:
             return ResumeIndex(np.empty(0, np.uint64), np.empty(0, bool), np.empty(0, np.uint64))
@@ -446,7 +448,7 @@ class OutputStore:
             hashes=sorted_hashes[last],
             ok=np.concatenate(ok)[keep],
             fingerprints=np.concatenate(fingerprints)[keep],
-            committed_cost=cost,
+            committed_costs=costs,
             simulated=simulated,
         )
 

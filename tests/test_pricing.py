@@ -10,7 +10,13 @@ import pandas as pd
 import pytest
 
 from qwenvl_batch.errors import ConfigError
-from qwenvl_batch.pricing import ModelPrice, PriceTable, add_cost_columns, row_cost, unpriced_models
+from qwenvl_batch.pricing import (
+    ModelPrice,
+    PriceTable,
+    add_cost_columns,
+    row_cost,
+    unpriced_models,
+)
 
 BUILTIN = PriceTable.builtin()
 
@@ -40,7 +46,7 @@ def plus() -> ModelPrice:
 
 
 def test_builtin_entries_carry_source_and_date() -> None:
-    """Every shipped entry names an https source and an as_of date, so a figure can be checked."""
+    """Every shipped entry names an https source and an as_of date, in its region's currency (cn: CNY)."""
     checked = 0
     for model in BUILTIN.models():
         for region in ("intl", "us", "cn", "any"):
@@ -49,8 +55,9 @@ def test_builtin_entries_carry_source_and_date() -> None:
                 checked += 1
                 assert price.source.startswith("https://")
                 assert price.as_of[:4].isdigit()
-                assert price.currency == "USD"
-    assert checked == len(BUILTIN.models()) + 2  # every model in intl, plus qwen3-vl-plus/flash in us
+                assert price.currency == ("CNY" if region == "cn" else "USD")
+                assert region != "any"  # the shipped prices are per region
+    assert checked == 92
 
 
 def test_builtin_figures_match_the_reference() -> None:
@@ -64,26 +71,35 @@ def test_builtin_figures_match_the_reference() -> None:
     assert thinking is not None and thinking.tiers[0].output_per_mtok == 4.00
 
 
+@pytest.mark.parametrize("name, canonical", [("QWEN3-VL-FLASH", "qwen3-vl-flash"), ("Qwen-VL-Max", "qwen-vl-max")])
+def test_other_casings_share_the_entry(name: str, canonical: str) -> None:
+    """Another casing of a name resolves to that name's entry (the provider ignores case)."""
+    assert BUILTIN.lookup(name, "intl") == BUILTIN.lookup(canonical, "intl")
+    assert BUILTIN.lookup(name, "intl") is not None
+
+
 @pytest.mark.parametrize(
-    "alias, canonical",
+    "snapshot, family, region",
     [
-        ("qwen-vl-ocr-latest", "qwen-vl-ocr"),
-        ("qwen-vl-ocr-2025-11-20", "qwen-vl-ocr"),
-        ("qwen-vl-max-latest", "qwen-vl-max"),
-        ("qwen3-vl-plus-2025-12-19", "qwen3-vl-plus"),
-        ("QWEN3-VL-FLASH", "qwen3-vl-flash"),
+        ("qwen-vl-ocr-2025-11-20", "qwen-vl-ocr", "intl"),
+        ("qwen-vl-max-latest", "qwen-vl-max", "intl"),
+        ("qwen3-vl-plus-2025-12-19", "qwen3-vl-plus", "intl"),
+        ("qwen3-vl-flash-2025-10-15", "qwen3-vl-flash", "us"),
+        ("qwen-vl-ocr-latest", "qwen-vl-ocr", "cn"),
     ],
 )
-def test_aliases_share_the_entry(alias: str, canonical: str) -> None:
-    """Aliases, dated snapshots and other casings resolve to the canonical model's entry."""
-    assert BUILTIN.lookup(alias, "intl") == BUILTIN.lookup(canonical, "intl")
-    assert BUILTIN.lookup(alias, "intl") is not None
+def test_snapshots_listed_at_the_family_price_have_its_rates(snapshot: str, family: str, region: str) -> None:
+    """A dated snapshot or -latest name that the price list prices as its family has the family's rates."""
+    own, base = BUILTIN.lookup(snapshot, region), BUILTIN.lookup(family, region)
+    assert own is not None and base is not None and own.model == snapshot
+    assert (own.tiers, own.currency) == (base.tiers, base.currency)
 
 
 def test_lookup_unknown_model_and_region() -> None:
-    """An unknown model, or a region without figures (cn), gives None rather than another region's price."""
+    """An unknown model, or a name a region does not list, gives None rather than another region's price."""
     assert BUILTIN.lookup("gpt-4o", "intl") is None
-    assert BUILTIN.lookup("qwen3-vl-plus", "cn") is None
+    assert BUILTIN.lookup("qwen-vl-ocr-latest", "intl") is None  # listed for Beijing only
+    assert BUILTIN.lookup("qwen3-vl-flash-us", "intl") is None
 
 
 def test_lookup_without_region_uses_intl() -> None:
@@ -111,11 +127,11 @@ def test_tier_bounds_are_inclusive_with_k_1024(prompt_tokens: int, input_rate: f
 
 
 def test_prompt_above_last_tier_has_no_price() -> None:
-    """A prompt above the last bound (us figures stop at 32K) raises instead of borrowing a rate."""
+    """A prompt above the last bound (262,144 for qwen3-vl-plus) raises instead of borrowing a rate."""
     us = BUILTIN.lookup("qwen3-vl-plus", "us")
-    assert us is not None
-    with pytest.raises(ValueError, match="no price for prompts over 32,768"):
-        us.tier_for(32_769)
+    assert us is not None and us.tier_for(262_144).input_per_mtok == 0.43
+    with pytest.raises(ValueError, match="no price for prompts over 262,144"):
+        us.tier_for(262_145)
 
 
 def test_user_tier_bound_32000(tmp_path: Path) -> None:
@@ -235,9 +251,11 @@ as_of = "2026-10"
 """,
     )
     table = BUILTIN.merged(PriceTable.from_file(path))
-    intl = table.lookup("qwen3-vl-plus-2025-12-19", "intl")
+    intl = table.lookup("qwen3-vl-plus", "intl")
     assert intl is not None and intl.source == "negotiated" and intl.tiers[0].input_per_mtok == 0.1
     assert table.lookup("qwen3-vl-plus", "us") == BUILTIN.lookup("qwen3-vl-plus", "us")
+    assert table.lookup("qwen3-vl-plus", "cn") == BUILTIN.lookup("qwen3-vl-plus", "cn")
+    assert table.lookup("qwen3-vl-plus-2025-12-19", "intl") == BUILTIN.lookup("qwen3-vl-plus-2025-12-19", "intl")
 
 
 def test_user_alias_overrides_builtin_alias(tmp_path: Path) -> None:
@@ -373,17 +391,27 @@ def test_add_cost_columns_overwrites_and_handles_missing_columns() -> None:
 
 
 def test_add_cost_columns_above_last_tier_is_null() -> None:
-    """On us prices (0-32K only) a 40,000-token prompt stays unpriced while a 1,000-token one is priced."""
-    out = add_cost_columns(output_frame(), BUILTIN, "us")
+    """A prompt above the last priced tier (262,144) stays unpriced while smaller ones get their tier's rates."""
+    df = output_frame()
+    df.loc[1, "prompt_tokens"] = 300_000
+    out = add_cost_columns(df, BUILTIN, "us")
     assert out["cost"].iloc[0] == pytest.approx(0.143 * 1_000 / 1e6 + 1.434 * 500 / 1e6)
     assert pd.isna(out["cost"].iloc[1])
+
+
+def test_add_cost_columns_in_cny_for_beijing() -> None:
+    """With region cn the same usage is costed at Beijing's CNY rates and labelled CNY."""
+    out = add_cost_columns(output_frame(), BUILTIN, "cn")
+    assert out["cost"].iloc[0] == pytest.approx(1.0 * 1_000 / 1e6 + 10.0 * 500 / 1e6)
+    assert out["currency"].iloc[0] == "CNY"
 
 
 def test_unpriced_models_lists_unknown_only() -> None:
     """Only models without any price in the region are listed, sorted."""
     df = output_frame()
     assert unpriced_models(df, BUILTIN, "intl") == ["mystery-model"]
-    assert unpriced_models(df, BUILTIN, "cn") == ["mystery-model", "qwen3-vl-plus"]
+    assert unpriced_models(df, BUILTIN, "cn") == ["mystery-model"]
+    assert unpriced_models(df.assign(model="qwen2-vl-7b-instruct"), BUILTIN, "cn") == ["qwen2-vl-7b-instruct"]
 
 
 def test_add_cost_columns_million_rows_fast() -> None:
