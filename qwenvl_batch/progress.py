@@ -6,6 +6,8 @@ retry counts and tokens so far, because on a job that runs for days those are wh
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +29,7 @@ class Counters:
     cost: float = 0.0
     prior_cost: float = 0.0  # spend already in the output from earlier runs
     to_do: int = 0
+    currency: str = ""  # of the cost figures (a run has one model and region, so one currency)
     retry_reasons: dict[str, int] = field(default_factory=dict)
     error_types: dict[str, int] = field(default_factory=dict)
 
@@ -34,13 +37,23 @@ class Counters:
     def done(self) -> int:
         return self.ok + self.errors
 
-    def postfix(self) -> str:
+    def spend(self) -> tuple[float, float]:
+        """(spent so far, projected at the end): the output's spend, this run's included, and the run's average
+        cost per row carried to the rows still to do."""
+        spent = self.prior_cost + self.cost
+        return spent, self.prior_cost + self.cost / max(self.done, 1) * max(self.to_do, self.done)
+
+    def postfix(self, *, short: bool = False) -> str:
+        """The live figures; ``short`` keeps spend and projected cost but drops the rest (80-column terminals)."""
+        currency = f" {self.currency}" if self.currency else ""
+        spent, projected = self.spend()
+        if short:
+            text = f"ok={self.ok:,} err={self.errors:,}"
+            return text + (f" {spent:.2f}→{projected:.2f}{currency}" if self.cost else "")
         tokens = self.prompt_tokens + self.completion_tokens
         text = f"ok={self.ok:,} err={self.errors:,} retries={self.retries:,} tokens={tokens:,}"
         if self.cost:
-            spent = self.prior_cost + self.cost
-            projected = self.prior_cost + self.cost / max(self.done, 1) * max(self.to_do, self.done)
-            text += f" spent={spent:.4f} projected={projected:.4f}"
+            text += f" spent={spent:.4f} projected={projected:.4f}{currency}"
         return text
 
 
@@ -59,13 +72,16 @@ class Progress:
         if mode == "auto":
             mode = "bar" if self.stream.isatty() else "lines"
         self.mode = mode
-        self._bar = tqdm(total=total, unit="row", file=self.stream, dynamic_ncols=True,
-                         smoothing=0.05) if mode == "bar" else None
+        width = terminal_columns(self.stream)
+        self._short = width < WIDE_COLUMNS
+        # A terminal that reports 0 columns (some CI consoles, emacs shells) still gets an 80-column bar.
+        self._bar = tqdm(total=total, unit="row", file=self.stream, dynamic_ncols=width > 0,
+                         ncols=None if width > 0 else 80, smoothing=0.05) if mode == "bar" else None
 
     def update(self, rows: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(rows)
-            self._bar.set_postfix_str(self.counters.postfix(), refresh=False)
+            self._bar.set_postfix_str(self.counters.postfix(short=self._short), refresh=False)
         elif self.mode == "lines" and self._clock() - self._last_line >= self.every_s:
             self._line()
 
@@ -75,12 +91,38 @@ class Progress:
         done, elapsed = self.counters.done, max(now - self._start, 1e-9)
         rate = done / elapsed * 60
         percent = 100.0 * done / self.total if self.total else 100.0
+        left = max(self.total - done, 0)
+        eta = duration(left / rate * 60) if rate > 0 else "?"
         print(f"[qwenvl-batch] {done:,}/{self.total:,} rows ({percent:.1f}%) {rate:,.0f} rows/min "
-              f"{self.counters.postfix()}", file=self.stream, flush=True)
+              f"elapsed {duration(elapsed)} ETA {eta if left else '0s'} {self.counters.postfix()}",
+              file=self.stream, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.set_postfix_str(self.counters.postfix(), refresh=True)
+            self._bar.set_postfix_str(self.counters.postfix(short=self._short), refresh=True)
             self._bar.close()
         elif self.mode == "lines" and self.counters.done:
             self._line()
+
+
+WIDE_COLUMNS = 120  # below this, the bar's postfix is the short one (tqdm's own part takes ~55 columns)
+
+
+def terminal_columns(stream: TextIO) -> int:
+    """The stream's terminal width (0 when the terminal reports none); 80 when it is not a terminal."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return shutil.get_terminal_size((80, 24)).columns
+
+
+def duration(seconds: float) -> str:
+    """1h04m, 2m03s, 45s: how long, to the precision a person reads at a glance."""
+    seconds = max(int(seconds), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours >= 24:
+        return f"{hours // 24}d{hours % 24:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

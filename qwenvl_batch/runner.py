@@ -159,6 +159,7 @@ class JobRun:
                           tokens_per_minute=self.job.limits.tokens_per_minute)
         self.counters.prior_cost = self.spend.committed
         self.counters.to_do = plan.to_do
+        self.counters.currency = self.price.currency if self.price else ""
         # Everything alive now (imported modules, the plan) lives for the whole run: keep it out of the cyclic
         # collector, whose full passes over it stalled the event loop for ~100 ms at a time (benchmarks/run.py).
         # Undone at the end: a notebook runs many jobs in one process.
