@@ -25,7 +25,21 @@ _EXPORTS = {
     "load_results": "store",
 }  # fmt: skip
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "ConfigError",
+    "InputRowError",
+    "JobConfig",
+    "JobError",
+    "QwenVLBatchError",
+    "RowError",
+    "RunSummary",
+    "__version__",
+    "job_from_dict",
+    "load_job",
+    "load_results",
+    "run_job",
+    "run_job_async",
+]
 
 if TYPE_CHECKING:
     from .api import run_job, run_job_async

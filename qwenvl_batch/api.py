@@ -28,7 +28,8 @@ def resolve_job(job: JobConfig | str | Path, overrides: dict[str, Any]) -> JobCo
         raise TypeError(f"run_job takes a JobConfig or a job file path, not {type(job).__name__}")
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
-        raise TypeError(f"unknown job override(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(OVERRIDES))}")
+        names, known = ", ".join(map(repr, unknown)), ", ".join(sorted(OVERRIDES))
+        raise TypeError(f"unknown job override(s) {names}; known: {known}")
     return load_job(job, overrides)
 
 

@@ -341,7 +341,8 @@ def with_overrides(job: JobConfig, overrides: Mapping[str, Any]) -> JobConfig:
     """
     unknown = sorted(set(overrides) - set(OVERRIDES))
     if unknown:
-        raise TypeError(f"unknown job override(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(OVERRIDES))}")
+        names, known = ", ".join(map(repr, unknown)), ", ".join(sorted(OVERRIDES))
+        raise TypeError(f"unknown job override(s) {names}; known: {known}")
     if not overrides:
         return job
     data = job.model_dump(exclude={"job_file"})

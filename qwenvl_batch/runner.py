@@ -79,8 +79,8 @@ class RunSummary:
     def lines(self) -> list[str]:
         """The end-of-run summary, a few lines a person reads."""
         out = [
-            f"rows: {self.ok:,} ok, {self.errors:,} error, {self.pending:,} pending — this run; "
-            f"{self.rows:,} in the manifest",
+            (f"rows: {self.ok:,} ok, {self.errors:,} error, {self.pending:,} pending — this run; "
+             f"{self.rows:,} in the manifest"),
         ]
         if self.skipped_ok or self.skipped_error:
             line = f"already done before this run: {self.skipped_ok:,} ok (skipped)"
@@ -151,7 +151,11 @@ class JobRun:
         """Start the stages, supervise them, and always close what was opened (the writer commits)."""
         self._stop_event = asyncio.Event()
         loop = asyncio.get_running_loop()
-        writer = self.store.writer(on_error=lambda exc: loop.call_soon_threadsafe(self._writer_failed, writer))
+
+        def on_writer_error(exc: BaseException) -> None:  # called from the writer's thread
+            loop.call_soon_threadsafe(self._writer_failed, writer)
+
+        writer = self.store.writer(on_error=on_writer_error)
         writer.start()
         progress = Progress(plan.to_do, self.counters, mode=self.job.run.progress)
         client = ChatClient(self.job, api_key=self.job.api_key(), base_url=self.base_url)
@@ -303,7 +307,7 @@ class JobRun:
             first_signal.append(signum)
             self.interrupt(signum)
 
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (int(signal.SIGINT), int(signal.SIGTERM)):
             try:
                 loop.add_signal_handler(signum, on_signal, signum)
                 installed.append(signum)
@@ -315,7 +319,7 @@ class JobRun:
             for signum in installed:
                 loop.remove_signal_handler(signum)
 
-    def interrupt(self, signum: int = signal.SIGINT) -> None:
+    def interrupt(self, signum: int = int(signal.SIGINT)) -> None:
         """Stop as Ctrl-C does (also from a notebook's KeyboardInterrupt, via the loop's thread)."""
         name = signal.Signals(signum).name
         self.stop(Interrupted(f"Interrupted ({name}); results so far are committed.", signum=signum))

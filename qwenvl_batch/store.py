@@ -259,7 +259,7 @@ class OutputStore:
         if self._lock_handle is not None:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(self.state_dir / "lock", "a+", encoding="utf-8")  # noqa: SIM115 - held for the run's life
+        handle = open(self.state_dir / "lock", "a+", encoding="utf-8")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -485,7 +485,7 @@ class OutputStore:
         all_seqs = np.concatenate(seqs)
         superseded = _superseded(np.concatenate(hashes))
         dirty = set(np.unique(all_seqs[superseded]).tolist())
-        sizes = {seq: len(h) for (seq, _), h in zip(parts, hashes)}
+        sizes = {seq: len(h) for (seq, _), h in zip(parts, hashes, strict=True)}
         small = {seq for seq, n in sizes.items() if n < target_rows // 2}
         rewrite = sorted(dirty | (small if len(small) > 1 else set()))
         if not rewrite:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -101,7 +102,8 @@ class SimulatorProcess:
         line = self.proc.stdout.readline()
         if "listening on " not in line:
             self.proc.kill()
-            raise RuntimeError(f"simulator did not start: {line!r} {self.proc.stderr.read() if self.proc.stderr else ''}")
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise RuntimeError(f"simulator did not start: {line!r} {err}")
         self.base_url = line.rsplit("listening on ", 1)[1].strip()
 
     @property
@@ -116,7 +118,7 @@ class SimulatorProcess:
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=10)
-        except Exception:  # noqa: BLE001 - a simulator that will not stop is killed
+        except Exception:
             self.proc.kill()
             self.proc.wait()
 

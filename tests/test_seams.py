@@ -14,16 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import image_rows, write_manifest
 
 from qwenvl_batch import ConfigError, JobError, load_results, run_job, run_job_async
 from qwenvl_batch import runner as runner_module
 from qwenvl_batch.cli import main
 from qwenvl_batch.store import ResultWriter, state_dir_for
-
-from conftest import image_rows, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,10 +153,10 @@ def test_second_run_on_a_live_output_is_refused_at_once(tmp_path: Path, sim, mon
     monkeypatch.setenv("QWENVL_TEST_KEY", "sk-test")
     assert main(["run", str(job), "--progress", "off", "--limit", "1"]) == 0
     lock = state_dir_for(tmp_path / "out") / "lock"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl,os,sys,time; f=open(sys.argv[1],'a+'); "
-         "fcntl.flock(f, fcntl.LOCK_EX); f.seek(0); f.truncate(); f.write(f'process {os.getpid()} on testhost'); "
-         "f.flush(); print('held', flush=True); time.sleep(60)", str(lock)], stdout=subprocess.PIPE, text=True)
+    hold = ("import fcntl,os,sys,time; f=open(sys.argv[1],'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.seek(0); "
+            "f.truncate(); f.write(f'process {os.getpid()} on testhost'); f.flush(); print('held', flush=True); "
+            "time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         capsys.readouterr()
@@ -360,3 +358,22 @@ retry_initial_s = 0.01
     return path
 
 
+
+
+def test_self_hosted_price_example_in_prices_toml_works_with_prices_flag(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The self-hosted example in prices.toml's header, saved as a file, prices jobs/vllm-local.toml at zero."""
+    lines = (REPO / "qwenvl_batch" / "prices.toml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('#   [models."Qwen/Qwen2.5-VL-7B-Instruct"'))
+    example = []
+    for line in lines[start:]:
+        if not line.startswith("#   "):
+            break
+        example.append(line[4:])
+    prices = tmp_path / "self-hosted.toml"
+    prices.write_text("\n".join(example) + "\n")
+    monkeypatch.chdir(REPO)
+    code = main(["run", "jobs/vllm-local.toml", "--simulate", "--limit", "2", "--output", str(tmp_path / "o"),
+                 "--prices", str(prices), "--progress", "off"])
+    out = capsys.readouterr().out
+    assert code == 0 and "cost this run: 0.0000 USD" in out
+    assert (pd.read_parquet(tmp_path / "o")["cost"] == 0).all()

@@ -160,7 +160,7 @@ def word_pieces(text: str, words_per_piece: int) -> list[str]:
     if not ends or ends[-1] != len(text):
         ends.append(len(text))
     starts = [0, *ends[:-1]]
-    return [text[start:end] for start, end in zip(starts, ends) if end > start]
+    return [text[start:end] for start, end in zip(starts, ends, strict=True) if end > start]
 
 
 def stream_events(

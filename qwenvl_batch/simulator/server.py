@@ -77,7 +77,7 @@ class SimulatorThread:
         asyncio.set_event_loop(loop)
         try:
             self._runner, self.port = loop.run_until_complete(_start_site(self.app, "127.0.0.1", self.port))
-        except BaseException as exc:  # handed to start() in the caller's thread, which re-raises it
+        except BaseException as exc:  # noqa: BLE001 - handed to start() in the caller's thread, which re-raises it
             self._startup_error = exc
             self._ready.set()
             loop.close()
