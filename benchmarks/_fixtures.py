@@ -4,7 +4,7 @@ A pre-built output must be exactly what the runner would have written, or the re
 thing (a wrong fingerprint makes every row "changed" and the run refuses to start; a wrong schema fails the
 schema check). So it is built from the library's own pieces: ``RowRenderer.fingerprints`` → ``fingerprint_hex``
 for the fingerprints, ``store.output_schema`` for the schema, and ``OutputStore`` for the rest: the rows are
-written as journal segments (``_journal/seg-NNNNNN.arrows``, the layout store.py documents) and
+written as journal segments (``OUT.state/journal/seg-NNNNNN.arrows``, the layout store.py documents) and
 ``OutputStore.recover()`` folds them into ``part-NNNNNN.parquet`` files exactly as it does after a crash, so the
 parts' compression, row groups and names are the store's own, whatever its internals. The benchmark then checks
 the plan: all done → "0 to do"; all but the last N → "N to do".
@@ -84,7 +84,7 @@ def build_done_output(job: JobConfig, done_rows: int) -> float:
     store.recover()
     if store.parts() or store.segments():
         raise RuntimeError(f"{job.output.path} is not empty; the fixture must start from nothing")
-    store.create()  # _job.json and _journal/
+    store.create()  # OUT.state/: job.json, journal/, the lock
     seq, written = 1, 0
     for batch in manifest.batches(batch_rows=FOLD_ROWS):
         if written >= done_rows:
@@ -100,6 +100,7 @@ def build_done_output(job: JobConfig, done_rows: int) -> float:
     if store.segments() or len(store.parts()) != seq - 1:
         raise RuntimeError(f"{job.output.path}: recover() left {len(store.segments())} segments and "
                            f"{len(store.parts())} parts; expected 0 and {seq - 1}")
+    store.unlock()  # the benchmark's run takes the output's lock itself
     return time.perf_counter() - started
 
 
@@ -133,13 +134,14 @@ def _done_table(batch: pa.RecordBatch, renderer: RowRenderer, schema: pa.Schema,
         "latency_s": pa.array(rng.uniform(1.0, 5.0, n).round(4)),
         "request_id": pa.array([f"chatcmpl-{seed:04d}{i:08d}" for i in range(n)]),
         "finished_at": pa.array(finished, pa.timestamp("us", tz="UTC")),
-        "fingerprint": pa.array(fingerprint_hex(renderer.fingerprints(batch))),  # what plan_run will compare
+        "fingerprint": pa.array(fingerprint_hex(renderer.fingerprints(batch))),  # what plan_rows will compare
         "input_cost": pa.array(prompt_tokens * 0.05 / 1e6),
         "output_cost": pa.array(completion_tokens * 0.4 / 1e6),
         "cost": pa.array(cost),
         "currency": pa.array(["USD"] * n),
     })
-    return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+    # columns the fixture does not fill (added by later versions, e.g. `simulated`) are null, as in a real output
+    return pa.Table.from_arrays([columns.get(f.name, pa.nulls(n, f.type)) for f in schema], schema=schema)
 
 
 def output_layout(folder: Path) -> tuple[int, int, int]:

@@ -9,7 +9,7 @@ The job is run with ``run_job_async`` inside our own ``asyncio.run``, next to a 
 a loop and records how late it wakes up (the event loop's stalls). A few library functions are wrapped, from
 outside, to time the phases the figures need; the wrappers only read the clock:
 
-* ``runner.plan_run``: when planning ended, and how many rows it left to do;
+* ``runner.plan_rows``: when planning ended, and how many rows it left to do;
 * ``ChatClient.complete``: when the first request started and the last answer came back, requests in flight, and
   the CPU clock at both ends (the steady-state CPU per request excludes start-up and the final commit);
 * ``runner.ByteBudget``: the peak image bytes it admitted (``max_inflight_mb`` at work);
@@ -46,6 +46,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Awaitable, Callable  # noqa: E402
 
 from qwenvl_batch import JobConfig, RunSummary, job_from_dict, run_job_async  # noqa: E402
+from qwenvl_batch import planning as planning_module  # noqa: E402
 from qwenvl_batch import runner as runner_module  # noqa: E402
 from qwenvl_batch.client import ChatClient, Completion  # noqa: E402
 from qwenvl_batch.errors import QwenVLBatchError  # noqa: E402
@@ -110,15 +111,15 @@ class Probe:
 
 def install_probes(probe: Probe, fold_rows: int | None = None) -> None:
     """Wrap the library entry points the figures time (see the module docstring)."""
-    original_plan = runner_module.plan_run
+    original_plan = runner_module.plan_rows
 
-    def plan_run(*args: Any, **kwargs: Any) -> Any:
+    def plan_rows(*args: Any, **kwargs: Any) -> Any:
         plan = original_plan(*args, **kwargs)
         probe.plan_end = time.time()
         probe.to_do = plan.to_do
         return plan
 
-    runner_module.plan_run = plan_run
+    runner_module.plan_rows = plan_rows
 
     original_complete: Callable[[ChatClient, list[dict[str, Any]]], Awaitable[Completion]] = ChatClient.complete
 
@@ -162,7 +163,7 @@ def install_probes(probe: Probe, fold_rows: int | None = None) -> None:
                 super().__init__(*args, **kwargs)
                 self.fold_rows = fold_rows
 
-        runner_module.OutputStore = OftenFoldedStore  # type: ignore[misc]
+        planning_module.OutputStore = OftenFoldedStore  # type: ignore[misc]
 
     gc_started: list[float] = [0.0]
 
