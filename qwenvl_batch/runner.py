@@ -186,6 +186,8 @@ class JobRun:
             except WriterFailed as exc:
                 self._stop_reason = exc  # the final count of answers that could not be stored
                 self._stop_event.set()
+                self.counters.ok -= writer.lost.get("ok", 0)  # the summary counts stored rows only
+                self.counters.errors -= sum(n for status, n in writer.lost.items() if status != "ok")
 
     def _writer_failed(self, writer: ResultWriter) -> None:
         self.stop(writer.failure())

@@ -621,7 +621,7 @@ class ResultWriter:
         self.fsync_every_s = fsync_every_s
         self.on_error = on_error
         self.error: BaseException | None = None
-        self.lost = 0  # rows received but not stored because writing failed
+        self.lost: dict[str, int] = {}  # rows received but not stored because writing failed, by status
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="qwenvl-batch-writer", daemon=True)
         self._seq = 0
@@ -638,7 +638,7 @@ class ResultWriter:
 
     def put(self, row: dict[str, Any]) -> None:
         if self.error is not None:
-            self.lost += 1
+            self._lose([row])
             return
         if self.store.simulated:
             row["simulated"] = True
@@ -653,37 +653,45 @@ class ResultWriter:
 
     def failure(self) -> WriterFailed:
         """The job-level error for a failed writer: what failed, where, and how many answers were not stored."""
-        lost = f"; {self.lost:,} answer(s) received after it could not be stored and stay pending" if self.lost else ""
+        count = sum(self.lost.values())
+        lost = f"; {count:,} answer(s) received could not be stored and stay pending" if count else ""
         return WriterFailed(f"Cannot write results to {self.store.path} (journal {self.store.journal_dir}): "
                             f"{self.error}{lost}. The output stays readable; free space or fix the folder, then run "
                             "again to continue")
 
     def _run(self) -> None:
+        rows: list[dict[str, Any]] = []
         try:
             while True:
                 rows, closing = self._drain()
                 if rows:
-                    self._append(rows)
+                    self._append(rows)  # a batch that fails is dropped whole on recovery: all of it is lost
+                rows = []
                 if closing:
                     self._fold()
                     return
-        except Exception as exc:
+        except Exception as exc:  # a full disk, a vanished folder: the runner stops the job
             log.debug("result writer failed", exc_info=True)
             self.error = exc
-            self.lost += self._discard_queued()
+            self._lose(rows)
+            self._discard_queued()
             if self.on_error is not None:
                 self.on_error(exc)
 
-    def _discard_queued(self) -> int:
+    def _lose(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            status = str(row.get("status"))
+            self.lost[status] = self.lost.get(status, 0) + 1
+
+    def _discard_queued(self) -> None:
         """Rows still queued when writing failed: not stored (they stay pending), counted for the message."""
-        count = 0
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                return count
+                return
             if item is not self._CLOSE:
-                count += 1
+                self._lose([item])
 
     def _drain(self) -> tuple[list[dict[str, Any]], bool]:
         rows: list[dict[str, Any]] = []
