@@ -36,6 +36,7 @@ from . import tokens
 from .client import ChatClient, Completion
 from .config import JobConfig, is_stream_only
 from .errors import ConfigError, InputRowError, Interrupted, JobError, SpendCapReached
+from .health import JobHealth, Stop, estimated_usage, images_ignored
 from .limits import ByteBudget, Limiter, SpendMeter
 from .manifest import IdTracker, Manifest, id_strings, limited_batches, open_manifest, require_columns
 from .media import PreparedImage, ResizePolicy, prepare_image, redact_data_url
@@ -91,6 +92,8 @@ class RunSummary:
     stopped: str | None = None
     simulated: bool = False
     unpriced_model: str | None = None
+    usage_estimated: int = 0  # rows whose server reported no usage (tokens and cost are the runner's estimate)
+    warnings: dict[str, int] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         """The end-of-run summary, a few lines a person reads."""
@@ -103,6 +106,11 @@ class RunSummary:
             out.append(f"cost this run: {self.cost:.4f} {self.currency or ''}".rstrip())
         elif self.unpriced_model:
             out.append(f"cost: no price known for model {self.unpriced_model!r} (see README 'Cost')")
+        if self.usage_estimated:
+            out.append(f"usage not reported for {self.usage_estimated:,} rows: their tokens and cost are the "
+                       "runner's estimate (usage_source = 'estimate')")
+        if self.warnings:
+            out.append("warnings: " + ", ".join(f"{k}={v:,}" for k, v in sorted(self.warnings.items())))
         if self.retries:
             out.append("retries: " + ", ".join(f"{k}={v:,}" for k, v in sorted(self.retries.items())))
         if self.error_types:
@@ -191,6 +199,9 @@ class JobRun:
                 "capped; add its price with [pricing] file / --prices FILE (see README 'Cost')"
             )
         self.counters = Counters()
+        self.health: JobHealth[dict[str, Any]] = JobHealth()  # issue 10: systematic failures stop the job
+        self.usage_estimated_rows = 0
+        self.warning_counts: dict[str, int] = {}
         self._stop_reason: BaseException | None = None
         self._stop_event: asyncio.Event | None = None
         self._hard_stop = False
@@ -222,7 +233,11 @@ class JobRun:
         gc.freeze()
         try:
             with self._signals():
-                await self._dispatch(plan, _Workers(self, client, limiter, writer, progress))
+                workers = _Workers(self, client, limiter, writer, progress)
+                await self._dispatch(plan, workers)
+                if self._stop_reason is None:
+                    for held in self.health.flush():  # a streak of identical errors that never became systematic
+                        workers.record(held)
         except asyncio.CancelledError:
             if not self._hard_stop:
                 raise
@@ -341,6 +356,8 @@ class JobRun:
             stopped=str(self._stop_reason) if self._stop_reason else None,
             simulated=self.job.run.simulate,
             unpriced_model=None if self.price else self.job.model.name,
+            usage_estimated=self.usage_estimated_rows,
+            warnings=dict(self.warning_counts),
         )
 
 
@@ -373,7 +390,11 @@ class _Workers:
                 raise
             if result is not None:
                 result["fingerprint"] = fingerprint
-                self.record(result)
+                try:
+                    self.record_checked(result)
+                except JobError as exc:
+                    self.run.stop(exc)
+                    return
 
     async def process(self, row: dict[str, Any]) -> dict[str, Any] | None:
         """One row end to end; returns its output row, or None to leave it pending (the run is stopping)."""
@@ -408,11 +429,12 @@ class _Workers:
         started = time.monotonic()
         billed: list[dict[str, Any]] = []  # the cost of every attempt the provider billed, the answer's included
         completion, attempts, failure = await self._send(messages, estimate, self.worst_case_cost(prompt_estimate),
-                                                         billed)
+                                                         billed, prompt_estimate=prompt_estimate)
         latency_s = time.monotonic() - started
         if completion is not None:
             self.limiter.settle(estimate, completion.total_tokens)
-            return self.ok_row(row, rendered, completion, attempts, latency_s, billed)
+            result = self.ok_row(row, rendered, completion, attempts, latency_s, billed)
+            return self._check_images(result, rendered, images, completion)
         if failure is None:
             return None  # the run is stopping: leave the row pending
         decision = classify(failure)
@@ -423,11 +445,13 @@ class _Workers:
         message = decision.message
         if decision.action is Action.RETRY:
             message = f"gave up after {attempts} attempt(s): {message}"
+        attempts += decision.proxy_retries
         return self.error_row(row, rendered, decision.error_type, decision.code, message, attempts=attempts,
                               latency_s=latency_s, billed=billed)
 
     async def _send(self, messages: list[dict[str, Any]], estimate: int, worst_cost: float,
-                    billed: list[dict[str, Any]]) -> tuple[Completion | None, int, BaseException | None]:
+                    billed: list[dict[str, Any]], *,
+                    prompt_estimate: int = 0) -> tuple[Completion | None, int, BaseException | None]:
         """Attempts with retries: (completion, attempts, None), (None, attempts, last failure), or (None, n, None)
         when the run is stopping. JobErrors (the spend cap) propagate."""
         attempts = 0
@@ -441,9 +465,12 @@ class _Workers:
                     actual_cost = 0.0
                     try:
                         await self.limiter.acquire(estimate)
-                        completion = await self.client.complete(messages)
+                        completion = await self._attempt(messages)
+                        if completion.prompt_tokens is None or completion.completion_tokens is None:
+                            completion = estimated_usage(completion, prompt_estimate)  # never zero
                         billed.append(self._cost(completion))
-                        actual_cost = billed[-1].get("cost") or 0.0
+                        # no usage reported: the spend cap counts the worst case, never zero
+                        actual_cost = worst_cost if completion.usage_estimated else billed[-1].get("cost") or 0.0
                     except PartialResponseError as exc:  # billed although not usable: count it, then retry
                         if isinstance(exc.billed, Completion):
                             billed.append(self._cost(exc.billed))
@@ -455,9 +482,61 @@ class _Workers:
             return None, attempts, None
         except JobError:
             raise
-        except Exception as exc:  # noqa: BLE001 - judged by policy.classify, which re-raises what it does not know
+        except Exception as exc:  # noqa: BLE001 - judged by policy.classify, which judges any exception
             return None, attempts, exc
         return completion, attempts, None
+
+    async def _attempt(self, messages: list[dict[str, Any]]) -> Completion:
+        """One attempt, its outcome fed to the job's health (an endpoint that never answers stops the job)."""
+        health = self.run.health
+        try:
+            completion = await self.client.complete(messages)
+        except Exception as exc:
+            decision = classify(exc)
+            if decision.connect_failed:
+                _raise_stop(health.attempt_connect_failed(decision.message))
+            elif decision.answered:
+                health.attempt_answered()
+            raise
+        health.attempt_answered()
+        return completion
+
+    def _check_images(self, result: dict[str, Any], rendered: RenderedRow, images: list[PreparedImage],
+                      completion: Completion) -> dict[str, Any]:
+        """A row whose usage shows the server ignored its images is not ok (it keeps its answer and cost); a few
+        in a row stop the job."""
+        if not images or completion.usage_estimated:
+            return result
+        why = images_ignored(n_images=len(images), prompt_tokens=completion.prompt_tokens,
+                             image_tokens=completion.image_tokens,
+                             text_tokens=self.run.prompt_tokens.count(rendered, []))
+        stop = self.run.health.image_row(why is not None)
+        if why is not None:
+            result.update(status="error", error_type="server", error_code="image_ignored_by_server",
+                          error_message=f"the server ignored the images: {why}; is the model multimodal?",
+                          warning="image_ignored_by_server")
+        if stop is not None:
+            self.record(result)  # paid for: recorded (as an error, so --retry-failed re-sends it)
+            _raise_stop(stop)
+        return result
+
+    def record_checked(self, result: dict[str, Any]) -> None:
+        """Record a row through the job's health: identical errors are held while it decides whether they are the
+        rows' or the job's; raises JobError (the held rows stay pending) when it is the job."""
+        health = self.run.health
+        if result.get("error_code") == "image_ignored_by_server":  # the image check decides about these
+            ready = [result]
+        elif result["status"] == "ok":
+            ready = health.row_succeeded() + [result]
+        else:
+            ready, stop = health.row_failed(result, result.get("error_type") or "", result.get("error_code"),
+                                            result.get("error_message") or "")
+            for row in ready:
+                self.record(row)
+            _raise_stop(stop)
+            return
+        for row in ready:
+            self.record(row)
 
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
@@ -542,7 +621,9 @@ class _Workers:
             "reasoning_tokens": completion.reasoning_tokens,
             "cached_tokens": completion.cached_tokens,
             "image_tokens": completion.image_tokens,
-            "attempts": attempts,
+            "usage_source": "estimate" if completion.usage_estimated else "reported",
+            "warning": f"proxy_retries={completion.proxy_retries}" if completion.proxy_retries else None,
+            "attempts": attempts + completion.proxy_retries,
             "latency_s": round(latency_s, 4),
             "request_id": completion.request_id,
         }
@@ -587,6 +668,11 @@ class _Workers:
     def record(self, result: dict[str, Any]) -> None:
         """Hand the row to the writer (durable within milliseconds) and update the live counters."""
         self.writer.put(result)
+        if result.get("usage_source") == "estimate":
+            self.run.usage_estimated_rows += 1
+        if result.get("warning"):
+            kind = str(result["warning"]).split("=", 1)[0]
+            self.run.warning_counts[kind] = self.run.warning_counts.get(kind, 0) + 1
         counters = self.run.counters
         counters.cost += result.get("cost") or 0.0
         if result["status"] == "ok":
@@ -632,17 +718,19 @@ def _redact(value: Any) -> Any:
     return value
 
 
+def _raise_stop(stop: Stop | None) -> None:
+    if stop is not None:
+        raise JobError(stop.message, code=stop.code)
+
+
 def _decision(state: RetryCallState) -> Decision:
     return classify(state.outcome.exception())
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, _Abandoned):
+    if isinstance(exc, (_Abandoned, JobError)):  # JobError: the spend cap, or the job's health said stop
         return False
-    try:
-        return classify(exc).action is Action.RETRY
-    except Exception:  # noqa: BLE001 - unknown exception types are not retried; they surface to the caller
-        return False
+    return classify(exc).action is Action.RETRY  # classify never raises: any exception is judged
 
 
 async def run_job_async(job: JobConfig, *, base_url: str | None = None,

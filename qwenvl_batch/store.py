@@ -70,6 +70,8 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("output_cost", pa.float64()),
     pa.field("cost", pa.float64()),
     pa.field("currency", pa.string()),
+    pa.field("usage_source", pa.string()),  # "reported" by the server, or "estimate" (it sent none): issue 10
+    pa.field("warning", pa.string()),  # e.g. image_ignored_by_server, proxy_retries=2: issue 10
 ]
 RESULT_COLUMNS = [field.name for field in RESULT_FIELDS]
 
