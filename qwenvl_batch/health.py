@@ -64,7 +64,7 @@ def _hint(error_type: str, code: str | None) -> str:
     if error_type in ("connection", "timeout"):
         return "that the server is up and reachable at [model] base_url, and its load"
     if error_type == "client":
-        return "the message above (an unexpected error in the client); please report it"
+        return "the server's answers against what an OpenAI-compatible server sends (please report this error)"
     return "the server's health and its log"
 
 
@@ -144,7 +144,7 @@ class JobHealth(Generic[T]):
         count = len(self._held)
         self._held, self._held_failure = [], None
         where = f"the first {count} rows" if self.rows_ok == 0 else f"{count} rows in a row"
-        what = f"{error_type}{f' {code}' if code else ''}: {message.strip()[:300]}"
+        what = f"{error_type}{f' {code}' if code else ''}: {' '.join(message.split())[:240]}"
         return released, Stop(code or error_type,
                               f"every request fails with {what} ({where}) — check {_hint(error_type, code)}. "
                               "Those rows stay pending: fix the cause, then run the same command again.")
@@ -192,12 +192,16 @@ def images_ignored(*, n_images: int, prompt_tokens: int | None, image_tokens: in
 _C = TypeVar("_C")
 
 
-def estimated_usage(completion: _C, prompt_tokens: int) -> _C:
+def estimated_usage(completion: _C, prompt_tokens: int, max_tokens: int | None = None) -> _C:
     """A completion that came without usage, with the runner's estimate filled in (``usage_estimated=True``):
-    the prompt as estimated before sending, the completion from the answer's text (thinking included)."""
+    the prompt as estimated before sending, the completion from the answer's text (at most ``max_tokens``, which
+    bounds the answer but not the thinking, which is added)."""
     content = getattr(completion, "content", "") or ""
     reasoning = getattr(completion, "reasoning", None) or ""
-    completion_tokens = tokens.text_tokens(content) + tokens.text_tokens(reasoning)
+    answer_tokens = tokens.text_tokens(content)
+    if max_tokens is not None:
+        answer_tokens = min(answer_tokens, max_tokens)
+    completion_tokens = answer_tokens + tokens.text_tokens(reasoning)
     return dataclasses.replace(  # type: ignore[type-var]
         completion, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,  # type: ignore[arg-type]
         total_tokens=prompt_tokens + completion_tokens, usage_estimated=True,

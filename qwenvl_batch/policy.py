@@ -83,7 +83,7 @@ _STOP_CODES = {
 _MODERATION_CODES = {"data_inspection_failed", "DataInspectionFailed", "DataInspection"}
 # Codes that keep their meaning when a proxy folds them into the message text (word-bounded match).
 _CODES_IN_MESSAGES = sorted(_STOP_CODES | {"data_inspection_failed", "DataInspectionFailed"}, key=len, reverse=True)
-_CODE_WORD = re.compile(r"(?<![\w.])(" + "|".join(re.escape(c) for c in _CODES_IN_MESSAGES) + r")(?![\w.])")
+_CODE_WORD = re.compile(r"(?<!\w)(?<!\w\.)(" + "|".join(re.escape(c) for c in _CODES_IN_MESSAGES) + r")(?!\w|\.\w)")
 
 # (fragment of the lowered message, stop code, hint): job-level stops wherever they appear, whatever the status.
 _STOP_MESSAGES: tuple[tuple[str, str, str], ...] = (
@@ -134,7 +134,7 @@ def classify(exc: BaseException) -> Decision:
     try:
         return _classify(exc)
     except Exception as bug:  # noqa: BLE001 - a classifier bug must not crash the run either
-        return _unexpected(exc, note=f" (and classifying it failed: {type(bug).__name__}: {bug})")
+        return _unexpected(exc, note=f" (and classifying it failed: {type(bug).__name__}: {_text(bug)})")
 
 
 def _classify(exc: BaseException) -> Decision:
@@ -156,9 +156,18 @@ def _classify(exc: BaseException) -> Decision:
     return _unexpected(exc)
 
 
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, even for an exception whose ``__str__`` itself fails."""
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - only the message is at stake
+        return f"<{type(exc).__name__} without a printable message>"
+
+
 def _unexpected(exc: BaseException, note: str = "") -> Decision:
-    return Decision(Action.RETRY, "client", "unexpected_error",
-                    message=f"unexpected error: {type(exc).__name__}: {exc}{note}", max_attempts=UNEXPECTED_ATTEMPTS)
+    return Decision(Action.RETRY, "client", "unexpected_error", "unexpected_error",
+                    message=f"unexpected error: {type(exc).__name__}: {_text(exc)}{note}",
+                    max_attempts=UNEXPECTED_ATTEMPTS)
 
 
 def _stream_error(exc: openai.APIError) -> Decision:
@@ -169,7 +178,8 @@ def _stream_error(exc: openai.APIError) -> Decision:
     status = int(raw_code) if raw_code is not None and raw_code.isdigit() and 400 <= int(raw_code) < 600 else 500
     decision = classify_status(status, fields, {})
     prefix = "" if decision.action is Action.STOP_JOB else "error event inside the stream: "
-    return Decision(decision.action, decision.error_type, decision.reason, decision.code,
+    reason = "stream_error" if decision.action is Action.RETRY else decision.reason
+    return Decision(decision.action, decision.error_type, reason, decision.code,
                     prefix + decision.message, decision.retry_after_s, decision.max_attempts, answered=True)
 
 

@@ -467,7 +467,7 @@ class _Workers:
                         await self.limiter.acquire(estimate)
                         completion = await self._attempt(messages)
                         if completion.prompt_tokens is None or completion.completion_tokens is None:
-                            completion = estimated_usage(completion, prompt_estimate)  # never zero
+                            completion = estimated_usage(completion, prompt_estimate, self.job.model.max_tokens)
                         billed.append(self._cost(completion))
                         # no usage reported: the spend cap counts the worst case, never zero
                         actual_cost = worst_cost if completion.usage_estimated else billed[-1].get("cost") or 0.0
