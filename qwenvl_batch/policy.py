@@ -95,6 +95,7 @@ _STOP_MESSAGES: tuple[tuple[str, str, str], ...] = (
     ("invalid api-key", "invalid_api_key", "key"),
     ("invalid api key", "invalid_api_key", "key"),
     ("invalid proxy server token", "invalid_api_key", "key"),
+    ("no connected db", "invalid_api_key", "key"),  # LiteLLM without a database, given a key other than its master
     ("invalid model name passed in model=", "model_not_found", "model"),
     ("does not exist or you do not have access to it", "model_not_found", "model"),
     ("unsupported model", "model_not_supported", "model"),

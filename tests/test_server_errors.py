@@ -97,6 +97,14 @@ BODIES: list[tuple[str, int, dict[str, Any], Action, str, str | None]] = [
     ("litellm", 400, {"error": {"message": "litellm.BadRequestError: OpenAIException - Input data may contain "
                                            "inappropriate content." + _LITELLM_TAIL, "type": "invalid_request_error",
                                 "param": None, "code": "400"}}, ROW, "content_filter", "data_inspection_failed"),
+    # measured against LiteLLM 1.108.7 in front of the simulator (the upstream's code survives in `type`)
+    ("litellm-1.108.7", 400, {"error": {"message": "litellm.BadRequestError: OpenAIException - Access denied, please "
+                                                   "make sure your account is in good standing." + _LITELLM_TAIL,
+                                        "type": "Arrearage", "param": None, "code": "400"}}, STOP, "job", "Arrearage"),
+    ("litellm-1.108.7", 400, {"error": {"message": "litellm.BadRequestError: OpenAIException - Input data may "
+                                                   "contain inappropriate content." + _LITELLM_TAIL,
+                                        "type": "data_inspection_failed", "param": None, "code": "400"}},
+     ROW, "content_filter", "data_inspection_failed"),
     ("litellm", 400, {"error": {"message": "/chat/completions: Invalid model name passed in model=no-such-model. "
                                            "Call `/v1/models` to view available models for your key.",
                                 "type": "invalid_request_error", "param": "model", "code": "400"}},
@@ -308,3 +316,11 @@ def test_proxy_hidden_retries_are_read() -> None:
     decision = classify(_sdk_error(429, {"error": {"message": "slow", "code": "429"}},
                                    {"x-litellm-attempted-retries": "2", "llm_provider-retry-after": "4"}))
     assert (decision.proxy_retries, decision.retry_after_s) == (2, 4.0)
+
+
+def test_litellm_unknown_key_without_a_database_stops() -> None:
+    """LiteLLM 1.108.7 answers a key other than its master key, when it has no database, with 400 "No connected
+    db." (measured): the job stops with the key hint instead of erroring every row."""
+    decision = classify(_sdk_error(400, {"error": {"message": "No connected db.", "type": "no_db_connection",
+                                                   "param": None, "code": "400"}}))
+    assert decision.action is STOP and "proxy's own key" in decision.message
