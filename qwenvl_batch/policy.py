@@ -143,12 +143,12 @@ def _classify(exc: BaseException) -> Decision:
         return classify_status(exc.status_code, error_fields(exc.body, exc.message), exc.response.headers)
     if isinstance(exc, (openai.APIConnectionError, OSError)) or _connect_cause(exc) is not None:
         return _connection(exc)
-    if isinstance(exc, StreamCutError):
-        return Decision(Action.RETRY, "server", "stream_cut", message=str(exc))
+    if isinstance(exc, StreamCutError):  # these three: the server answered (it is up), but not usefully
+        return Decision(Action.RETRY, "server", "stream_cut", message=str(exc), answered=True)
     if isinstance(exc, PartialResponseError):
-        return Decision(Action.RETRY, "server", "partial_response", message=str(exc))
+        return Decision(Action.RETRY, "server", "partial_response", message=str(exc), answered=True)
     if isinstance(exc, (InvalidResponseError, openai.APIResponseValidationError)):
-        return Decision(Action.RETRY, "server", "invalid_response", message=str(exc))
+        return Decision(Action.RETRY, "server", "invalid_response", message=str(exc), answered=True)
     if isinstance(exc, openai.APIError):  # no HTTP status: an error event inside a 200 stream
         return _stream_error(exc)
     if isinstance(exc, (ValueError, UnicodeError)):  # a body that does not decode (JSON, UTF-8)
