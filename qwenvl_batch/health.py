@@ -61,6 +61,8 @@ def _hint(error_type: str, code: str | None) -> str:
                 "server's log")
     if error_type == "invalid_request":
         return "[model] settings and extra_body against what this server accepts"
+    if error_type == "rate_limit":
+        return "the account's limits against [limits] requests_per_minute / tokens_per_minute, and its quota"
     if error_type in ("connection", "timeout"):
         return "that the server is up and reachable at [model] base_url, and its load"
     if error_type == "client":
