@@ -324,3 +324,33 @@ def test_litellm_unknown_key_without_a_database_stops() -> None:
     decision = classify(_sdk_error(400, {"error": {"message": "No connected db.", "type": "no_db_connection",
                                                    "param": None, "code": "400"}}))
     assert decision.action is STOP and "proxy's own key" in decision.message
+
+
+def test_200_with_an_error_body_is_judged_as_that_error(tmp_path: Any) -> None:
+    """A proxy answering 200 with an error envelope gives that error's verdict (here a billing stop), not an
+    "invalid response" retried until the row fails."""
+    from qwenvl_batch.client import ChatClient
+    from qwenvl_batch.config import job_from_dict
+
+    body = {"error": {"message": "Access denied, please make sure your account is in good standing.",
+                      "type": "Arrearage", "code": "400"}}
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=body))
+    job = job_from_dict({"input": {"path": "m.csv", "id_column": "id", "image_columns": ["image"]},
+                         "output": {"path": "out"},
+                         "model": {"name": "m", "base_url": "http://127.0.0.1:9/v1", "api_key_optional": True},
+                         "prompt": {"user": "hi"}}, base_dir=tmp_path)
+
+    async def attempt() -> BaseException:
+        client = ChatClient(job, api_key="x")
+        client._client = openai.AsyncOpenAI(api_key="x", base_url="http://127.0.0.1:9/v1", max_retries=0,
+                                            http_client=httpx.AsyncClient(transport=transport))
+        try:
+            await client.complete([{"role": "user", "content": "hi"}])
+        except Exception as exc:  # noqa: BLE001 - the exception is what the test inspects
+            return exc
+        finally:
+            await client.close()
+        raise AssertionError("an error body was taken for an answer")
+
+    decision = classify(asyncio.run(attempt()))
+    assert (decision.action, decision.code) == (STOP, "Arrearage")
