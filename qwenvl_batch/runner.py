@@ -523,7 +523,7 @@ class _Workers:
     def record_checked(self, result: dict[str, Any]) -> None:
         """Record a row through the job's health: identical errors are held while it decides whether they are the
         rows' or the job's; raises JobError (the held rows stay pending) when it is the job."""
-        health = self.run.health
+        health, stop = self.run.health, None
         if result.get("error_code") == "image_ignored_by_server":  # the image check decides about these
             ready = [result]
         elif result["status"] == "ok":
@@ -531,12 +531,9 @@ class _Workers:
         else:
             ready, stop = health.row_failed(result, result.get("error_type") or "", result.get("error_code"),
                                             result.get("error_message") or "")
-            for row in ready:
-                self.record(row)
-            _raise_stop(stop)
-            return
         for row in ready:
             self.record(row)
+        _raise_stop(stop)
 
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
