@@ -19,7 +19,12 @@ import openai
 from . import tokens
 from .config import JobConfig
 from .errors import ConfigError
-from .policy import InvalidResponseError, PartialResponseError, StreamCutError
+from .policy import (
+    InvalidResponseError,
+    PartialResponseError,
+    StreamCutError,
+    proxy_retries,
+)
 
 try:  # openai>=3 ships its HTTP stack as httpx2; older releases use httpx
     import httpx2 as httpx
@@ -44,6 +49,8 @@ class Completion:
     cached_tokens: int | None
     image_tokens: int | None
     request_id: str | None
+    usage_estimated: bool = False  # the server sent no usage: the token counts are the runner's estimate
+    proxy_retries: int = 0  # upstream attempts a proxy made on its own first (x-litellm-attempted-retries)
 
 
 class ChatClient:
@@ -82,6 +89,7 @@ class ChatClient:
         completion = raw.parse()
         choices = getattr(completion, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None:
+            _raise_error_body(completion, raw.http_request)
             raise InvalidResponseError("the server answered 200 but the body is not a chat completion")
         message = choices[0].message
         result = _completion(
@@ -91,6 +99,7 @@ class ChatClient:
             model=getattr(completion, "model", None),
             usage=getattr(completion, "usage", None),
             request_id=raw.headers.get("x-request-id") or getattr(completion, "id", None),
+            proxy_retries=proxy_retries(raw.headers),
         )
         if raw.headers.get("x-dashscope-partialresponse", "").lower() == "true":
             raise PartialResponseError("the provider cut the answer short (x-dashscope-partialresponse: true)",
@@ -136,6 +145,7 @@ class ChatClient:
             model=model,
             usage=usage,
             request_id=raw.headers.get("x-request-id") or chunk_id,
+            proxy_retries=proxy_retries(raw.headers),
         )
 
 
@@ -177,8 +187,17 @@ def _extra(obj: Any, name: str) -> Any:
     return value
 
 
+def _raise_error_body(completion: Any, request: Any) -> None:
+    """A 200 whose body is an error envelope (some proxies do that): raise it as the error it is, with its real
+    message, for policy.classify to judge like an in-band stream error."""
+    error = (getattr(completion, "model_extra", None) or {}).get("error")
+    if isinstance(error, dict):
+        message = error.get("message")
+        raise openai.APIError(message if isinstance(message, str) else "error in a 200 answer", request, body=error)
+
+
 def _completion(*, content: str, reasoning: str | None, finish_reason: str | None, model: str | None,
-                usage: Any, request_id: str | None) -> Completion:
+                usage: Any, request_id: str | None, proxy_retries: int = 0) -> Completion:
     prompt_details = _extra(usage, "prompt_tokens_details") if usage else None
     completion_details = _extra(usage, "completion_tokens_details") if usage else None
     completion_tokens = getattr(usage, "completion_tokens", None) if usage else None
@@ -197,6 +216,7 @@ def _completion(*, content: str, reasoning: str | None, finish_reason: str | Non
         cached_tokens=_detail(prompt_details, "cached_tokens"),
         image_tokens=_detail(prompt_details, "image_tokens"),
         request_id=request_id,
+        proxy_retries=proxy_retries,
     )
 
 

@@ -40,7 +40,9 @@ class ResultRows:
             "reasoning_tokens": completion.reasoning_tokens,
             "cached_tokens": completion.cached_tokens,
             "image_tokens": completion.image_tokens,
-            "attempts": attempts,
+            "usage_source": "estimate" if completion.usage_estimated else "reported",
+            "warning": f"proxy_retries={completion.proxy_retries}" if completion.proxy_retries else None,
+            "attempts": attempts + completion.proxy_retries,  # a proxy's hidden retries are attempts too
             "latency_s": round(latency_s, 4),
             "request_id": completion.request_id,
         }

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from .config import LimitsConfig
+from .errors import JobError
 from .policy import Action, Decision, backoff_s, classify
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,10 @@ def decision_of(state: RetryCallState) -> Decision:
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Only what the policy calls transient is retried; unknown exception types are not."""
-    if isinstance(exc, Abandoned):
+    """Only what the policy calls transient is retried (classify judges any exception and never raises)."""
+    if isinstance(exc, (Abandoned, JobError)):  # JobError: the spend cap, or the job's health said stop
         return False
-    try:
-        return classify(exc).action is Action.RETRY
-    except Exception:  # noqa: BLE001 - unknown exception types are not retried; the caller classifies them
-        return False
+    return classify(exc).action is Action.RETRY
 
 
 class RetryAdapter:

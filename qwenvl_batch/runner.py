@@ -35,6 +35,7 @@ from .client import ChatClient
 from .config import JobConfig
 from .currency import committed_spend
 from .errors import ConfigError, Interrupted, JobError
+from .health import JobHealth
 from .limits import ByteBudget, Limiter, SpendMeter
 from .manifest import BATCH_ROWS, limited_batches
 from .planning import JobSetup, Plan, open_job, plan_rows
@@ -75,6 +76,8 @@ class RunSummary:
     simulated: bool = False
     unpriced_model: str | None = None
     retried_errors: int = 0
+    usage_estimated: int = 0  # rows whose server reported no usage (tokens and cost are the runner's estimate)
+    warnings: dict[str, int] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         """The end-of-run summary, a few lines a person reads."""
@@ -92,6 +95,11 @@ class RunSummary:
             out.append(f"cost this run: {self.cost:.4f} {self.currency or ''}".rstrip())
         elif self.unpriced_model:
             out.append(f"cost: no price known for model {self.unpriced_model!r} (see README 'Cost')")
+        if self.usage_estimated:
+            out.append(f"usage not reported for {self.usage_estimated:,} rows: their tokens and cost are the "
+                       "runner's estimate (usage_source = 'estimate')")
+        if self.warnings:
+            out.append("warnings: " + ", ".join(f"{k}={v:,}" for k, v in sorted(self.warnings.items())))
         if self.retries:
             out.append("retries: " + ", ".join(f"{k}={v:,}" for k, v in sorted(self.retries.items())))
         if self.error_types:
@@ -118,6 +126,9 @@ class JobRun:
         self.price = self.setup.price
         self.rows = ResultRows(job.model.name, self.price, self.setup.image_columns)
         self.counters = Counters()
+        self.health: JobHealth[dict[str, Any]] = JobHealth()  # systematic failures stop the job, not the rows
+        self.usage_estimated_rows = 0
+        self.warning_counts: dict[str, int] = {}
         self._stop_reason: BaseException | None = None
         self._stop_event: asyncio.Event | None = None
         self._hard_stop = False
@@ -170,7 +181,11 @@ class JobRun:
         gc.freeze()
         try:
             with self._signals():
-                await self._dispatch(plan, RowWorker(self, client, limiter, writer, progress))
+                worker = RowWorker(self, client, limiter, writer, progress)
+                await self._dispatch(plan, worker)
+                if self._stop_reason is None:
+                    for held in self.health.flush():  # a streak of identical errors that never became systematic
+                        worker.record(held)
         except asyncio.CancelledError:
             if not self._hard_stop:
                 raise
@@ -348,6 +363,8 @@ class JobRun:
             simulated=self.job.run.simulate,
             unpriced_model=None if self.price else self.job.model.name,
             retried_errors=plan.retried_errors,
+            usage_estimated=self.usage_estimated_rows,
+            warnings=dict(self.warning_counts),
         )
 
 

@@ -84,6 +84,8 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("cost", pa.float64()),
     pa.field("currency", pa.string()),
     pa.field("simulated", pa.bool_()),  # True when the built-in simulator answered (never the real service)
+    pa.field("usage_source", pa.string()),  # "reported" by the server, or "estimate" (it sent none)
+    pa.field("warning", pa.string()),  # e.g. image_ignored_by_server, proxy_retries=2
 ]
 RESULT_COLUMNS = [field.name for field in RESULT_FIELDS]
 

@@ -16,6 +16,7 @@ from . import tokens
 from .client import ChatClient, Completion
 from .config import is_stream_only
 from .errors import InputRowError, JobError, SpendCapReached
+from .health import Stop, estimated_usage, images_ignored
 from .limits import Limiter
 from .media import PreparedImage, ResizePolicy, prepare_image
 from .policy import Action, Decision, PartialResponseError, classify
@@ -69,7 +70,11 @@ class RowWorker:
                 return
             if result is not None:
                 result["fingerprint"] = fingerprint
-                self.record(result)
+                try:
+                    self.record_checked(result)
+                except JobError as exc:
+                    self.run.stop(exc)
+                    return
 
     async def process(self, row: dict[str, Any]) -> dict[str, Any] | None:
         """One row end to end; returns its output row, or None to leave it pending (the run is stopping)."""
@@ -104,14 +109,15 @@ class RowWorker:
         started = time.monotonic()
         billed: list[dict[str, Any]] = []  # the cost of every attempt the provider billed, the answer's included
         completion, attempts, failure = await self._send(messages, estimate, self.worst_case_cost(prompt_estimate),
-                                                         billed)
+                                                         billed, prompt_estimate=prompt_estimate)
         latency_s = time.monotonic() - started
         if completion is not None:
             self.limiter.settle(estimate, completion.total_tokens)
-            return self.rows.ok(row, completion, attempts, latency_s, billed)
+            result = self.rows.ok(row, completion, attempts, latency_s, billed)
+            return self._check_images(result, rendered, images, completion)
         if failure is None:
             return None  # the run is stopping: leave the row pending
-        decision = classify_failure(failure)
+        decision = classify(failure)
         if decision.action is Action.STOP_JOB:
             raise JobError(decision.message, code=decision.code)
         if decision.action is Action.RETRY and self.run.stopping:
@@ -119,11 +125,13 @@ class RowWorker:
         message = decision.message
         if decision.action is Action.RETRY:
             message = f"gave up after {attempts} attempt(s): {message}"
+        attempts += decision.proxy_retries
         return self.rows.error(row, decision.error_type, decision.code, message, attempts=attempts,
                                latency_s=latency_s, billed=billed)
 
     async def _send(self, messages: list[dict[str, Any]], estimate: int, worst_cost: float,
-                    billed: list[dict[str, Any]]) -> tuple[Completion | None, int, BaseException | None]:
+                    billed: list[dict[str, Any]], *,
+                    prompt_estimate: int = 0) -> tuple[Completion | None, int, BaseException | None]:
         """Attempts with retries: (completion, attempts, None), (None, attempts, last failure), or (None, n, None)
         when the run is stopping. JobErrors (the spend cap) propagate."""
         attempts = 0
@@ -134,25 +142,30 @@ class RowWorker:
                     attempts = attempt.retry_state.attempt_number
                     if self.run.stopping:
                         raise Abandoned()
-                    completion = await self._attempt(messages, estimate, worst_cost, billed)
+                    completion = await self._attempt(messages, estimate, worst_cost, billed, prompt_estimate)
         except Abandoned:
             return None, attempts, None
         except JobError:
             raise
-        except Exception as exc:  # noqa: BLE001 - judged by classify_failure, which never raises
+        except Exception as exc:  # noqa: BLE001 - judged by policy.classify, which judges any exception
             return None, attempts, exc
         return completion, attempts, None
 
     async def _attempt(self, messages: list[dict[str, Any]], estimate: int, worst_cost: float,
-                       billed: list[dict[str, Any]]) -> Completion:
-        """One request: reserve the worst-case spend, wait for the rate limiter, send, book what was billed."""
+                       billed: list[dict[str, Any]], prompt_estimate: int) -> Completion:
+        """One request: reserve the worst-case spend, wait for the rate limiter, send, book what was billed.
+
+        A server that reports no usage gets the runner's estimate (marked as such), and the spend cap counts
+        the worst case for it, never zero."""
         self._reserve_spend(worst_cost)
         actual_cost = 0.0
         try:
             await self.limiter.acquire(estimate)
-            completion = await self.client.complete(messages)
+            completion = await self._complete(messages)
+            if completion.prompt_tokens is None or completion.completion_tokens is None:
+                completion = estimated_usage(completion, prompt_estimate, self.job.model.max_tokens)
             billed.append(self.rows.cost_of(completion))
-            actual_cost = billed[-1].get("cost") or 0.0
+            actual_cost = worst_cost if completion.usage_estimated else billed[-1].get("cost") or 0.0
             return completion
         except PartialResponseError as exc:  # billed although not usable: count it, then retry
             if isinstance(exc.billed, Completion):
@@ -161,6 +174,55 @@ class RowWorker:
             raise
         finally:
             self.run.spend.release(worst_cost, actual_cost)
+
+    async def _complete(self, messages: list[dict[str, Any]]) -> Completion:
+        """One attempt, its outcome fed to the job's health (an endpoint that never answers stops the job)."""
+        health = self.run.health
+        try:
+            completion = await self.client.complete(messages)
+        except Exception as exc:
+            decision = classify(exc)
+            if decision.connect_failed:
+                raise_stop(health.attempt_connect_failed(decision.message))
+            elif decision.answered:
+                health.attempt_answered()
+            raise
+        health.attempt_answered()
+        return completion
+
+    def _check_images(self, result: dict[str, Any], rendered: RenderedRow, images: list[PreparedImage],
+                      completion: Completion) -> dict[str, Any]:
+        """A row whose usage shows the server ignored its images is not ok (it keeps its answer and cost); a few
+        in a row stop the job."""
+        if not images or completion.usage_estimated:
+            return result
+        why = images_ignored(n_images=len(images), prompt_tokens=completion.prompt_tokens,
+                             image_tokens=completion.image_tokens,
+                             text_tokens=self.run.prompt_tokens.count(rendered, []))
+        stop = self.run.health.image_row(why is not None)
+        if why is not None:
+            result.update(status="error", error_type="server", error_code="image_ignored_by_server",
+                          error_message=f"the server ignored the images: {why}; is the model multimodal?",
+                          warning="image_ignored_by_server")
+        if stop is not None:
+            self.record(result)  # paid for: recorded (as an error, so --retry-failed re-sends it)
+            raise_stop(stop)
+        return result
+
+    def record_checked(self, result: dict[str, Any]) -> None:
+        """Record a row through the job's health: identical errors are held while it decides whether they are the
+        rows' or the job's; raises JobError (the held rows stay pending) when it is the job."""
+        health, stop = self.run.health, None
+        if result.get("error_code") == "image_ignored_by_server":  # the image check decides about these
+            ready = [result]
+        elif result["status"] == "ok":
+            ready = [*health.row_succeeded(), result]
+        else:
+            ready, stop = health.row_failed(result, result.get("error_type") or "", result.get("error_code"),
+                                            result.get("error_message") or "")
+        for row in ready:
+            self.record(row)
+        raise_stop(stop)
 
     def _on_retry(self, decision: Decision, attempt: int) -> None:
         counters = self.run.counters
@@ -209,6 +271,11 @@ class RowWorker:
     def record(self, result: dict[str, Any]) -> None:
         """Hand the row to the writer (durable within milliseconds) and update the live counters."""
         self.writer.put(result)
+        if result.get("usage_source") == "estimate":
+            self.run.usage_estimated_rows += 1
+        if result.get("warning"):
+            kind = str(result["warning"]).split("=", 1)[0]
+            self.run.warning_counts[kind] = self.run.warning_counts.get(kind, 0) + 1
         counters = self.run.counters
         counters.cost += result.get("cost") or 0.0
         if result["status"] == "ok":
@@ -222,18 +289,10 @@ class RowWorker:
         self.progress.update()
 
 
-def classify_failure(exc: BaseException) -> Decision:
-    """policy.classify, or — for an exception nobody expected — a row error that says what it was.
-
-    One request must never crash the run: an unknown exception type is recorded on its row (and logged with
-    its traceback at debug level) instead of propagating.
-    """
-    try:
-        return classify(exc)
-    except Exception:
-        log.debug("unexpected error from one request", exc_info=exc)
-        return Decision(Action.ROW_ERROR, "unexpected", "unexpected", code=type(exc).__name__,
-                        message=f"unexpected error: {type(exc).__name__}: {exc}"[:2000])
+def raise_stop(stop: Stop | None) -> None:
+    """The job's health said stop: a JobError with its message (the run then stops and commits)."""
+    if stop is not None:
+        raise JobError(stop.message, code=stop.code)
 
 
 def prepare_all(rendered: RenderedRow, resize: ResizePolicy) -> list[PreparedImage]:

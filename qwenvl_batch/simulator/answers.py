@@ -22,6 +22,7 @@ from .config import (
     SimError,
     SimulatorConfig,
 )
+from .personas import get_persona
 
 # The deterministic answer
 # --------------------------------------------------------------------------------------------------------
@@ -120,6 +121,9 @@ def _dumps(payload: object) -> str:
 def usage_payload(usage: Usage, answer: Answer, config: SimulatorConfig) -> dict[str, Any]:
     """The ``usage`` object with the provider's detail fields [S5]."""
     completion = answer.completion_tokens
+    if not get_persona(config.persona).usage_details:  # vLLM, llama.cpp: the three totals only
+        return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": usage.prompt_tokens + completion}
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": completion,
@@ -185,7 +189,7 @@ def stream_events(
     for piece in word_pieces(answer.content, STREAM_WORDS_PER_CHUNK):
         events.append(delta({"content": piece}))
     events.append(delta({"content": ""}, answer.finish_reason))
-    if request.include_usage:
+    if request.include_usage and get_persona(config.persona).stream_usage:  # llama.cpp never sends it
         events.append(chunk([], usage_payload(usage, answer, config)))
     events.append(b"data: [DONE]\n\n")
     return events
@@ -206,6 +210,10 @@ def _json_response(payload: object, status: int = 200, headers: dict[str, str] |
 
 def error_response(error: SimError, request_id: str, config: SimulatorConfig) -> web.Response:
     """The error as an HTTP response; throttling 429s carry Retry-After when configured."""
+    persona = get_persona(config.persona)
+    if persona.name != "dashscope":  # another server's envelope and headers (simulator/personas.py)
+        return _json_response(persona.error_body(error, request_id), status=error.status,
+                              headers=persona.error_headers(error, config.retry_after_s))
     headers: dict[str, str] = {}
     if error.retryable_429 and config.retry_after_s is not None:
         headers["Retry-After"] = str(max(0, math.ceil(config.retry_after_s)))

@@ -55,7 +55,7 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 FAULT_KINDS = (
     "500", "503", "429", "drop", "hang", "truncate", "partial", "moderation",
-    "badparam", "timeout_media", "toolong", "garbage", "arrears", "auth",
+    "badparam", "timeout_media", "toolong", "garbage", "arrears", "auth", "validation", "stream_error",
 )  # fmt: skip
 _MARKER = re.compile(r"\[\[sim:([A-Za-z0-9_]+)(?::(\d+))?\]\]")
 _WORD = re.compile(r"\S+")
@@ -116,10 +116,14 @@ class SimulatorConfig:
     partial_rate: float = 0.0  # non-stream only: streams have no partial-response header and are served normally
     moderation_rate: float = 0.0
     request_log: str | Path | None = None
+    persona: str = "dashscope"  # answer like another server: see simulator/personas.py
 
     def __post_init__(self) -> None:
         """Validate now, so a bad flag fails at startup with a message rather than mid-benchmark."""
         object.__setattr__(self, "extra_models", tuple(self.extra_models))
+        from .personas import get_persona  # personas builds on SimError below
+
+        get_persona(self.persona)
         for name in ("fail_500_rate", "fail_503_rate", "fail_429_rate", "drop_rate", "hang_rate",
                      "truncate_rate", "partial_rate", "moderation_rate"):  # fmt: skip
             value = getattr(self, name)

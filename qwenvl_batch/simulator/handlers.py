@@ -49,6 +49,7 @@ from .faults import (
     wait_unless_stopping,
 )
 from .images import count_prompt, measure_image
+from .personas import IMAGE_NOT_SUPPORTED, validation_error
 from .ratelimit import _rate_limit_error
 from .state import REQUEST_ID_KEY, STATE_KEY, SimulatorState
 
@@ -100,6 +101,15 @@ async def apply_fault(
     """Serve fault ``kind``; None when it does not apply here (``partial`` on a stream: served normally)."""
     if kind in _FAULT_ERRORS:
         raise _FAULT_ERRORS[kind]
+    if kind == "validation":
+        raise validation_error()
+    if kind == "stream_error":
+        if not chat.stream:
+            raise state.persona.stream_error()
+        events = stream_events(chat, answer, usage, trace.request_id, state.config)
+        state.record(trace, "stream_error", 200)
+        error_event = f"data: {json.dumps(state.persona.stream_error_payload())}\n\n".encode()
+        return await send_stream(request, events[:TRUNCATE_AFTER_CHUNKS] + [error_event], state.config, cut=False)
     if kind == "garbage":
         state.record(trace, "garbage", 200)
         return _json_response({"foo": 1})
@@ -114,6 +124,9 @@ async def apply_fault(
         events = stream_events(chat, answer, usage, trace.request_id, state.config)
         trace.completion_tokens = _stream_tokens_sent(events)
         state.record(trace, "truncated", 200)
+        if state.persona.proxy:  # the proxy "completes" a cut upstream stream: its own usage chunk, then [DONE]
+            closing = [e for e in events if b'"usage":{' in e] + [b"data: [DONE]\n\n"]
+            return await send_stream(request, events[:TRUNCATE_AFTER_CHUNKS] + closing, state.config, cut=False)
         return await send_stream(request, events, state.config, cut=True)
     if kind == "partial" and not chat.stream:
         cut = partial_answer(answer)
@@ -160,7 +173,11 @@ async def prepare(
     trace.text, trace.n_images = chat.full_text, len(chat.images)
     trace.image_types = tuple(_image_type(ref.url) for ref in chat.images)
     parse_markers(chat.full_text)  # refuse unknown marker kinds before any work
-    images = [await measure_image(ref, state) for ref in chat.images]
+    if chat.images and state.persona.images == "refuse":  # llama-server without an mmproj
+        raise SimError(500, "", IMAGE_NOT_SUPPORTED, type_="server_error")
+    # A text-only chat template drops image parts silently (llama-cpp-python): the answer and usage ignore them.
+    refs = chat.images if state.persona.images == "see" else ()
+    images = [await measure_image(ref, state) for ref in refs]
     usage = count_prompt(chat, images)
     trace.prompt_tokens = usage.prompt_tokens
     if usage.prompt_tokens > MAX_INPUT_TOKENS:
@@ -215,6 +232,8 @@ async def handle_reset(request: web.Request) -> web.Response:
 async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Every response says it comes from the simulator and carries a request id."""
     response.headers["x-simulator"] = "qwenvl-batch"
+    for name, value in request.app[STATE_KEY].persona.proxy_headers().items():
+        response.headers.setdefault(name, value)
     if "x-request-id" not in response.headers:
         response.headers["x-request-id"] = request.get(REQUEST_ID_KEY) or str(uuid.uuid4())
 

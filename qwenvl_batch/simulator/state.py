@@ -15,6 +15,7 @@ from aiohttp import web
 
 from .chat_request import Trace
 from .config import KNOWN_MODELS, SimulatorConfig
+from .personas import Persona, get_persona
 from .ratelimit import RateLimiter
 
 # Server state
@@ -38,6 +39,7 @@ class SimulatorState:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     http: aiohttp.ClientSession | None = None
     log_file: IO[str] | None = None
+    persona: Persona = field(default_factory=lambda: get_persona("dashscope"))
 
     @classmethod
     def from_config(cls, config: SimulatorConfig) -> SimulatorState:
@@ -47,6 +49,7 @@ class SimulatorState:
             models=KNOWN_MODELS | frozenset(config.extra_models),
             fault_rng=random.Random(config.seed),
             latency_rng=random.Random(config.seed + 1),
+            persona=get_persona(config.persona),
         )
 
     def record(self, trace: Trace, outcome: str, status: int | None, code: str | None = None) -> None:
