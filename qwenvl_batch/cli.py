@@ -118,6 +118,9 @@ def _add_simulate(commands: argparse._SubParsersAction) -> None:
     sim.add_argument("--drop-rate", type=float, default=0.0, help="share of connections dropped")
     sim.add_argument("--hang-rate", type=float, default=0.0, help="share of requests never answered")
     sim.add_argument("--truncate-rate", type=float, default=0.0, help="share of streams cut short")
+    sim.add_argument("--persona", default="dashscope",
+                     choices=["dashscope", "vllm", "llamacpp", "llamacpp-noimage", "litellm", "litellm-retrying"],
+                     help="answer like another server (error bodies, usage, streams; README 'Other servers')")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--request-log", help="append one JSON line per request to this file")
     sim.set_defaults(handler=_cmd_simulate)
@@ -188,7 +191,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         requests_per_minute=args.rpm,
         tokens_per_minute=args.tpm, fail_500_rate=args.fail_500_rate, fail_503_rate=args.fail_503_rate,
         drop_rate=args.drop_rate, hang_rate=args.hang_rate, truncate_rate=args.truncate_rate, seed=args.seed,
-        request_log=args.request_log,
+        request_log=args.request_log, persona=args.persona,
     )
     try:
         serve(config, port=args.port)
