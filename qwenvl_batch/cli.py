@@ -223,13 +223,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _configure_logging(verbose: int) -> None:
     """Warnings from everything; -v: this project's debug lines only; -vv: the HTTP stack's too (never Pillow's)."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_qwenvl_batch", False)]:
+        root.removeHandler(old)  # main() called again in one process (tests, a notebook): one handler, not two
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
+    handler._qwenvl_batch = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
-    if verbose:
-        logging.getLogger("qwenvl_batch").setLevel(logging.DEBUG)
+    logging.getLogger("qwenvl_batch").setLevel(logging.DEBUG if verbose else logging.NOTSET)
     if verbose >= 2:
         for chatty in ("httpx", "httpcore", "openai", "aiohttp.client"):
             logging.getLogger(chatty).setLevel(logging.DEBUG)

@@ -378,3 +378,17 @@ def test_self_hosted_price_example_in_prices_toml_works_with_prices_flag(tmp_pat
     out = capsys.readouterr().out
     assert code == 0 and "cost this run: 0.0000 USD" in out
     assert (pd.read_parquet(tmp_path / "o")["cost"] == 0).all()
+
+
+def test_verbose_shows_this_projects_debug_lines_only(tmp_path: Path, sim, monkeypatch, capsys) -> None:
+    """-v logs the runner's retry decisions but no third-party debug lines (Pillow's, say)."""
+    job = _cli_job(tmp_path, sim.base_url, output="out")
+    monkeypatch.setenv("QWENVL_TEST_KEY", "sk-test")
+    rows = (tmp_path / "m.csv").read_text().splitlines()
+    rows[1] = rows[1].replace("note 0", "[[sim:500:1]]")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    job.write_text(job.read_text().replace('user = "Describe row {id}."', 'user = "Describe row {id}. {note}"'))
+    assert main(["run", str(job), "--progress", "off", "-v"]) == 0
+    err = capsys.readouterr().err
+    assert "qwenvl_batch.retrying" in err  # the retry decision
+    assert not [line for line in err.splitlines() if " DEBUG " in line and " qwenvl_batch" not in line]
