@@ -379,6 +379,14 @@ class OutputStore:
                 f"The manifest's columns changed since {self.path} was started (added: {added or 'none'}, removed: "
                 f"{removed or 'none'}); use a new [output] path, or restore the manifest's columns"
             )
+        changed = [f"{name!r} was {existing.field(name).type}, now {self.schema.field(name).type}"
+                   for name in new_manifest if not existing.field(name).type.equals(self.schema.field(name).type)]
+        if changed:
+            raise ConfigError(
+                f"The manifest's column types changed since {self.path} was started ({'; '.join(changed)}): stored "
+                "values are never rewritten to another type (ids like 001 would become 1). Give the manifest its "
+                "original types (e.g. the same file format), or use a new [output] path"
+            )
         unknown = sorted(set(old_results) - set(RESULT_COLUMNS))
         if unknown:
             raise ConfigError(f"Output {self.path} has result columns this version does not know ({unknown}); it was "

@@ -392,3 +392,17 @@ def test_verbose_shows_this_projects_debug_lines_only(tmp_path: Path, sim, monke
     err = capsys.readouterr().err
     assert "qwenvl_batch.retrying" in err  # the retry decision
     assert not [line for line in err.splitlines() if " DEBUG " in line and " qwenvl_batch" not in line]
+
+
+def test_manifest_id_type_change_is_refused_and_stored_ids_are_kept(tmp_path: Path, sim, make_job) -> None:
+    """CSV ids 001… resumed from a Parquet manifest with integer ids: refused, naming the column and both types;
+    the stored ids stay as they were."""
+    rows = image_rows(tmp_path, 3)
+    for i, row in enumerate(rows):
+        row["id"] = f"00{i + 1}"
+    run_job(make_job(write_manifest(tmp_path / "m.csv", rows)))
+    for row in rows:
+        row["id"] = int(row["id"])
+    with pytest.raises(ConfigError, match=r"column types changed.*'id' was string, now int64"):
+        run_job(make_job(write_manifest(tmp_path / "m.parquet", rows)))
+    assert sorted(pd.read_parquet(make_job(tmp_path / "m.csv").output.path)["id"]) == ["001", "002", "003"]
