@@ -129,6 +129,7 @@ class JobRun:
         self.health: JobHealth[dict[str, Any]] = JobHealth()  # systematic failures stop the job, not the rows
         self.usage_estimated_rows = 0
         self.warning_counts: dict[str, int] = {}
+        self._manifest_identity: tuple[int, int, int] | None = None
         self._stop_reason: BaseException | None = None
         self._stop_event: asyncio.Event | None = None
         self._hard_stop = False
@@ -148,7 +149,9 @@ class JobRun:
                 self.store.lock()  # before recovery, which folds journals another live run may be writing
             self.store.recover()
             index = self.store.resume_index()
+            planned_manifest = _identity(self.manifest.path)
             plan = plan_rows(self.job, self.manifest, self.renderer, index)
+            self._manifest_identity = planned_manifest
             committed = committed_spend(index.committed_costs, self.price.currency if self.price else None,
                                         output=self.job.output.path, capped=self.job.limits.max_cost is not None)
             self.store.create()
@@ -267,6 +270,7 @@ class JobRun:
         while not self._stop_event.is_set():
             try:
                 batch = await asyncio.to_thread(next, batches, None)
+                self._check_manifest_unchanged()  # after the read: rows read from a changed file are never sent
                 if batch is None:
                     break
                 todo, fingerprints = self._rows_to_do(plan, batch, position)
@@ -280,6 +284,13 @@ class JobRun:
                 await queue.put((row, fingerprint))
         for _ in range(self.job.limits.concurrency):
             await queue.put(None)
+
+    def _check_manifest_unchanged(self) -> None:
+        """The plan is a bitmask over the manifest as it was read: a file replaced or edited since must not be
+        dispatched against it (done rows would be re-sent, others skipped)."""
+        if _identity(self.manifest.path) != self._manifest_identity:
+            raise ConfigError(f"{self.manifest.path} changed while the job was running (it was planned against "
+                              "the earlier file); run again to plan against the new one")
 
     def _rows_to_do(self, plan: Plan, batch: pa.RecordBatch, position: int) -> tuple[list[dict[str, Any]], list[str]]:
         """The rows of this batch that the plan marked, as dicts, with their fingerprints."""
@@ -366,6 +377,15 @@ class JobRun:
             usage_estimated=self.usage_estimated_rows,
             warnings=dict(self.warning_counts),
         )
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Size, modification time and inode: what changes when a file is edited or replaced."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
 def _release_idle_workers(queue: asyncio.Queue[Item | None], workers: int) -> None:

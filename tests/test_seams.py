@@ -406,3 +406,22 @@ def test_manifest_id_type_change_is_refused_and_stored_ids_are_kept(tmp_path: Pa
     with pytest.raises(ConfigError, match=r"column types changed.*'id' was string, now int64"):
         run_job(make_job(write_manifest(tmp_path / "m.parquet", rows)))
     assert sorted(pd.read_parquet(make_job(tmp_path / "m.csv").output.path)["id"]) == ["001", "002", "003"]
+
+
+def test_manifest_replaced_during_the_run_stops_the_reader(tmp_path: Path, sim, make_job, monkeypatch) -> None:
+    """A manifest replaced between the plan and the dispatch pass stops the run (rows done are kept) instead of
+    dispatching the new file against the old plan; a re-run plans against the new file."""
+    rows = image_rows(tmp_path, 12)
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    job = make_job(manifest)
+    real = runner_module.limited_batches
+
+    def replaced_after_planning(manifest_: Any, limit: Any, columns: Any = None) -> Any:
+        write_manifest(manifest, list(reversed(rows)))  # same ids, another order: the plan's bitmask is stale
+        yield from real(manifest_, limit, columns)
+
+    monkeypatch.setattr(runner_module, "limited_batches", replaced_after_planning)
+    with pytest.raises(JobError, match=r"m\.csv changed while the job was running"):
+        run_job(job)
+    monkeypatch.setattr(runner_module, "limited_batches", real)
+    assert run_job(job).ok == 12
