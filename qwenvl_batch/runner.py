@@ -165,16 +165,16 @@ class JobRun:
         """Start the stages, supervise them, and always close what was opened (the writer commits)."""
         self._stop_event = asyncio.Event()
         loop = asyncio.get_running_loop()
+        client = ChatClient(self.job, api_key=self.job.api_key(), base_url=self.base_url)
+        limiter = Limiter(requests_per_minute=self.job.limits.requests_per_minute,
+                          tokens_per_minute=self.job.limits.tokens_per_minute)
 
         def on_writer_error(exc: BaseException) -> None:  # called from the writer's thread
             loop.call_soon_threadsafe(self._writer_failed, writer)
 
         writer = self.store.writer(on_error=on_writer_error)
-        writer.start()
+        writer.start()  # from here on, the finally below closes it (and with it, commits)
         progress = Progress(plan.to_do, self.counters, mode=self.job.run.progress)
-        client = ChatClient(self.job, api_key=self.job.api_key(), base_url=self.base_url)
-        limiter = Limiter(requests_per_minute=self.job.limits.requests_per_minute,
-                          tokens_per_minute=self.job.limits.tokens_per_minute)
         self.counters.prior_cost = self.spend.committed
         self.counters.to_do = plan.to_do
         self.counters.currency = self.price.currency if self.price else ""
