@@ -81,6 +81,28 @@ def make_job(tmp_path: Path, sim: SimulatorThread) -> Callable[..., JobConfig]:
     return build
 
 
+def job_file(tmp_path: Path, base_url: str, *, output: str = "out", extra_model: str = "", rows: int = 4) -> Path:
+    """A job file (and its manifest of ``rows`` image rows) in tmp_path, for tests that go through the CLI."""
+    write_manifest(tmp_path / "m.csv", image_rows(tmp_path, rows))
+    path = tmp_path / "job.toml"
+    path.write_text(f"""
+[input]
+path = "m.csv"
+[output]
+path = "{output}"
+[model]
+name = "qwen3-vl-flash"
+base_url = "{base_url}"
+api_key_env = "QWENVL_TEST_KEY"
+{extra_model}
+[prompt]
+user = "Describe row {{id}}."
+[limits]
+retry_initial_s = 0.01
+""")
+    return path
+
+
 def ok_requests_for(sim: SimulatorThread, key: str) -> int:
     """How many successful requests carried this row's id in their text (prompts are 'Describe row {id}.')."""
     return sum(1 for r in sim.requests if r["outcome"] == "ok" and f"row {key}." in r["text"])

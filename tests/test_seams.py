@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import image_rows, write_manifest
+from conftest import image_rows, job_file, write_manifest
 
 from qwenvl_batch import ConfigError, JobError, load_results, run_job, run_job_async
 from qwenvl_batch import runner as runner_module
@@ -132,7 +132,7 @@ def test_output_under_a_file_is_a_one_line_refusal(tmp_path: Path, sim, monkeypa
     """An output path that cannot be created exits 2 with one line naming the path, never a traceback."""
     blocker = tmp_path / "blocker"
     blocker.write_text("a file")
-    job = _cli_job(tmp_path, sim.base_url, output=str(blocker / "out"))
+    job = job_file(tmp_path, sim.base_url, output=str(blocker / "out"), rows=3)
     monkeypatch.setenv("QWENVL_TEST_KEY", "sk-test")
     assert main(["run", str(job), "--progress", "off"]) == 2
     err = capsys.readouterr().err
@@ -150,7 +150,7 @@ def test_gc_freeze_is_undone_after_a_run(tmp_path: Path, sim, make_job) -> None:
 
 def test_second_run_on_a_live_output_is_refused_at_once(tmp_path: Path, sim, monkeypatch, capsys) -> None:
     """While one process holds an output, another run exits 2 naming that process; the lock dies with it."""
-    job = _cli_job(tmp_path, sim.base_url, output="out")
+    job = job_file(tmp_path, sim.base_url, rows=3)
     monkeypatch.setenv("QWENVL_TEST_KEY", "sk-test")
     assert main(["run", str(job), "--progress", "off", "--limit", "1"]) == 0
     lock = state_dir_for(tmp_path / "out") / "lock"
@@ -339,28 +339,6 @@ def test_simulate_on_a_taken_port_is_one_line(capsys) -> None:
     assert str(port) in err and len(err.splitlines()) == 1
 
 
-def _cli_job(tmp_path: Path, base_url: str, *, output: str) -> Path:
-    write_manifest(tmp_path / "m.csv", image_rows(tmp_path, 3))
-    path = tmp_path / "job.toml"
-    path.write_text(f"""
-[input]
-path = "m.csv"
-[output]
-path = "{output}"
-[model]
-name = "qwen3-vl-flash"
-base_url = "{base_url}"
-api_key_env = "QWENVL_TEST_KEY"
-[prompt]
-user = "Describe row {{id}}."
-[limits]
-retry_initial_s = 0.01
-""")
-    return path
-
-
-
-
 def test_self_hosted_price_example_in_prices_toml_works_with_prices_flag(tmp_path: Path, monkeypatch, capsys) -> None:
     """The self-hosted example in prices.toml's header, saved as a file, prices jobs/vllm-local.toml at zero."""
     lines = (REPO / "qwenvl_batch" / "prices.toml").read_text().splitlines()
@@ -382,7 +360,7 @@ def test_self_hosted_price_example_in_prices_toml_works_with_prices_flag(tmp_pat
 
 def test_verbose_shows_this_projects_debug_lines_only(tmp_path: Path, sim, monkeypatch, capsys) -> None:
     """-v logs the runner's retry decisions but no third-party debug lines (Pillow's, say)."""
-    job = _cli_job(tmp_path, sim.base_url, output="out")
+    job = job_file(tmp_path, sim.base_url, rows=3)
     monkeypatch.setenv("QWENVL_TEST_KEY", "sk-test")
     rows = (tmp_path / "m.csv").read_text().splitlines()
     rows[1] = rows[1].replace("note 0", "[[sim:500:1]]")
