@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import openai
@@ -44,6 +45,7 @@ class Completion:
     cached_tokens: int | None
     image_tokens: int | None
     request_id: str | None
+    headers: Mapping[str, str] = field(default_factory=dict)  # rate-limit headers only, names lower-cased
 
 
 class ChatClient:
@@ -91,6 +93,7 @@ class ChatClient:
             model=getattr(completion, "model", None),
             usage=getattr(completion, "usage", None),
             request_id=raw.headers.get("x-request-id") or getattr(completion, "id", None),
+            headers=rate_limit_headers(raw.headers),
         )
         if raw.headers.get("x-dashscope-partialresponse", "").lower() == "true":
             raise PartialResponseError("the provider cut the answer short (x-dashscope-partialresponse: true)",
@@ -136,6 +139,7 @@ class ChatClient:
             model=model,
             usage=usage,
             request_id=raw.headers.get("x-request-id") or chunk_id,
+            headers=rate_limit_headers(raw.headers),
         )
 
 
@@ -177,8 +181,15 @@ def _extra(obj: Any, name: str) -> Any:
     return value
 
 
+def rate_limit_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The response headers the rate controller reads (``x-ratelimit-*``, LiteLLM's ``llm_provider-x-ratelimit-*``,
+    ``retry-after*``), names lower-cased; everything else is dropped."""
+    wanted = ("x-ratelimit-", "llm_provider-x-ratelimit-", "retry-after")
+    return {name.lower(): value for name, value in headers.items() if name.lower().startswith(wanted)}
+
+
 def _completion(*, content: str, reasoning: str | None, finish_reason: str | None, model: str | None,
-                usage: Any, request_id: str | None) -> Completion:
+                usage: Any, request_id: str | None, headers: Mapping[str, str] | None = None) -> Completion:
     prompt_details = _extra(usage, "prompt_tokens_details") if usage else None
     completion_details = _extra(usage, "completion_tokens_details") if usage else None
     completion_tokens = getattr(usage, "completion_tokens", None) if usage else None
@@ -197,6 +208,7 @@ def _completion(*, content: str, reasoning: str | None, finish_reason: str | Non
         cached_tokens=_detail(prompt_details, "cached_tokens"),
         image_tokens=_detail(prompt_details, "image_tokens"),
         request_id=request_id,
+        headers=dict(headers or {}),
     )
 
 

@@ -411,7 +411,7 @@ class _Workers:
                                                          billed)
         latency_s = time.monotonic() - started
         if completion is not None:
-            self.limiter.settle(estimate, completion.total_tokens)
+            self.limiter.settle(estimate, completion.total_tokens, completion.headers)
             return self.ok_row(row, rendered, completion, attempts, latency_s, billed)
         if failure is None:
             return None  # the run is stopping: leave the row pending
@@ -485,8 +485,7 @@ class _Workers:
         counters = self.run.counters
         counters.retries += 1
         counters.retry_reasons[decision.reason] = counters.retry_reasons.get(decision.reason, 0) + 1
-        if decision.error_type == "rate_limit":
-            self.limiter.on_throttle(decision.retry_after_s)
+        self.limiter.on_failure(decision)  # a 429 steers the rate controller; a connection failure only counts
         log.debug("retry %d (%s): %s", state.attempt_number, decision.reason, decision.message[:200])
 
     async def _sleep(self, seconds: float) -> None:
