@@ -80,6 +80,7 @@ class ControlSettings:
     margin: float = 0.95  # after a refusal, admit this share of the measured goodput
     min_cut: float = 0.5  # one cut never goes below this share of the rate in force ...
     max_cut: float = 0.9  # ... and always goes at least this far down
+    transient_share: float = 0.2  # ... and only while the server refuses at most this share of what is sent
     quiet_s: float = 10.0  # a refusal after this long without one is "isolated": a dip that recovers
     dip_recovery_doubling_s: float = 0.5
     start_rps: float = 8.0  # slow start: the first request rate with no limit known
@@ -87,9 +88,9 @@ class ControlSettings:
     probe_cubic_s: float = 45.0  # CUBIC's time scale: the plateau is left by +1 % after 10 s, +9 % after 20 s
     minute_margin: float = 0.98  # a per-minute window seen running full caps the rate at this share of it ...
     minute_hold_s: float = 120.0  # ... for this long unless renewed
-    blackout_share: float = 0.3  # a storm accepting less than this share of the minute's rate is its blackout
+    minute_storm_s: float = 2.0  # a per-minute window's storm is over within this; later refusals are the rate's
     recover_s: float = 10.0  # below the plateau: back from a cut to it within this many seconds (concave)
-    storm_measure_s: float = 0.3  # a storm this old (and with this many starts) measures goodput since it
+    storm_measure_s: float = 0.1  # a storm this old (and with this many starts) measures goodput since it
     storm_measure_starts: int = 10  # began (the bucket is empty then: what it accepts is its refill rate) ...
     storm_measure_max_s: float = 1.0  # ... and in any case once it is this old
     app_limited_factor: float = 4.0  # with no ceiling, never admit more than this x what was actually sent
@@ -143,7 +144,7 @@ class _Axis:
         self.started = _Window(settings.history_s)
         self.lost = _Window(settings.history_s)  # refused or failed: not accepted
         self.accepted60 = _Window(60.0)  # started minus refused or failed, over the last minute
-        self._minute_cap: tuple[float, float] | None = None  # (rate, until)
+        self._minute_cap: tuple[float, float, float] | None = None  # (rate, until, since)
         self.total_started = 0.0
         self.n_started = 0
         self._first_start: float | None = None
@@ -231,6 +232,17 @@ class _Axis:
             enough = self.total_started - started_then >= self.s.storm_measure_starts * per_start
             if span >= self.s.storm_measure_s and (enough or span >= self.s.storm_measure_max_s):
                 return max(self.total_started - self.total_lost - accepted_then, 0.0) / span
+        return self._window_goodput(now)
+
+    def _started_in_window(self, now: float) -> float:
+        return self.started.total_since(now, self._span(now))
+
+    def _refused_in_window(self, now: float) -> float:
+        """Refused (or failed) amount in the goodput window, this refusal's one request not counted."""
+        per_start = self.total_started / max(self.n_started, 1)
+        return max(self.lost.total_since(now, self._span(now)) - per_start, 0.0)
+
+    def _window_goodput(self, now: float) -> float:
         span = self._span(now)
         return max(self.started.total_since(now, span) - self.lost.total_since(now, span), 0.0) / span
 
@@ -250,8 +262,11 @@ class _Axis:
         target = max(measured * self.s.margin, current * self.s.min_cut)
         target = min(target, current * self.s.max_cut if young else current)
         target = max(target, self.s.floor_per_s)
+        # A refusal at the level refused before, or while the server refuses a good share of what is sent, is
+        # the limit; an isolated one while nearly everything gets through is a transient: a dip.
         expected = self.learned is not None and current >= 0.9 * self.learned
-        if quiet and not expected:  # isolated: the curve in force continues; the dip recovers to it
+        transient = self._refused_in_window(now) <= self.s.transient_share * self._started_in_window(now)
+        if quiet and not expected and transient:  # the curve in force continues; the dip recovers to it
             if self.mode == "unmetered":
                 self._set_probe(now, current, current)
             self._dip = (target / current, now)
@@ -267,14 +282,18 @@ class _Axis:
     def _plateau_after(self, now: float, measured: float, target: float) -> float:
         """The level the curve returns to after a cut: the measured goodput (x margin).
 
-        Except in a blackout of the per-minute window (see ``_minute_storm``): while it is full the server
-        accepts next to nothing, which measures the window, not the rate; the curve then returns to the rate the
-        last minute sustained, rather than crawling up from near zero.
+        Except right after the per-minute window was seen running full (see ``_minute_storm``): while it is full
+        the server accepts only what expires from it, which measures the window, not the rate, so for
+        ``minute_storm_s`` the curve returns to the rate the last minute sustained. A refusal below that rate
+        later on shows the limit itself is lower (it changed): the minute cap is dropped.
         """
         plateau = max(measured * self.s.margin, target)
-        cap = self._minute_cap_at(now)
-        if cap is not None and measured < self.s.blackout_share * cap:
-            plateau = max(plateau, cap)
+        if self._minute_cap is not None:
+            cap, _, since = self._minute_cap
+            if now - since < self.s.minute_storm_s:
+                plateau = max(plateau, cap)
+            else:
+                self._minute_cap = None
         return plateau
 
     def _minute_storm(self, now: float, current: float) -> None:
@@ -289,7 +308,7 @@ class _Axis:
         if per_s * 60.0 < 10 * per_start or per_s < 0.8 * current:
             return  # the last minute was not at the current rate throughout (or too short to tell)
         held = self._minute_cap_at(now) or 0.0
-        self._minute_cap = (max(per_s * self.s.minute_margin, held), now + self.s.minute_hold_s)
+        self._minute_cap = (max(per_s * self.s.minute_margin, held), now + self.s.minute_hold_s, now)
 
     def _minute_cap_at(self, now: float) -> float | None:
         if self._minute_cap is None or now >= self._minute_cap[1]:

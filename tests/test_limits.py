@@ -4,6 +4,7 @@ limiter in simulated time (minutes of traffic in milliseconds): the targets of i
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -114,7 +115,7 @@ def test_acquire_spaces_concurrent_callers() -> None:
         await asyncio.gather(*(one() for _ in range(5)))
 
     asyncio.run(main())
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert all(0.03 <= gap <= 0.12 for gap in gaps), gaps
 
 

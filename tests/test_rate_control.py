@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ def steady(rate: float, t0: float, t1: float, *, refuse_every: int = 0, accept_e
     """Starts at ``rate``/s from t0 to t1; every ``refuse_every``-th one (or all but every ``accept_every``-th)
     is refused 5 ms later."""
     events: list[Event] = []
-    n = int(round((t1 - t0) * rate))
+    n = round((t1 - t0) * rate)
     for i in range(n):
         t = t0 + i / rate
         events.append(("start", t, tokens))
@@ -113,7 +114,7 @@ def test_repeated_429s_keep_cutting_without_a_cooldown() -> None:
         controller.started(t, 100.0)
         controller.refused(t + 0.005, started_at=t, kind="requests")
         rates.append(controller.admission(t + 0.005).requests_per_s)
-    assert all(b is not None and a is not None and b < a for a, b in zip(rates, rates[1:], strict=False))
+    assert all(b is not None and a is not None and b < a for a, b in itertools.pairwise(rates))
     before = controller.admission(1.2).requests_per_s
     controller.refused(1.2, started_at=0.5, kind="requests")  # sent before the last cut: same congestion event
     assert controller.admission(1.2).requests_per_s == before
