@@ -61,8 +61,6 @@ from typing import Literal
 
 Kind = Literal["requests", "tokens"]
 
-_REQUEST_CODES = frozenset({"limit_requests", "throttling.ratequota", "limitrequests", "limit_burst_rate",
-                            "throttling.burstrate", "throttling", "rate_limit_exceeded", "requests"})
 _TOKEN_CODES = frozenset({"insufficient_quota", "throttling.allocationquota", "tokens", "limit_tokens"})
 
 
@@ -73,15 +71,15 @@ def refusal_kind(code: str | None) -> Kind:
 
 @dataclass(frozen=True)
 class ControlSettings:
-    """The controller's constants; defaults tuned on tests/test_rate_control.py's provider model."""
+    """The controller's constants; the defaults were tuned on the provider model in tests/provider_model.py."""
 
     window_s: float = 1.0  # goodput is measured over this many seconds (at least; see history_s)
     history_s: float = 10.0  # ... or over as many as hold ten requests, up to this many
     margin: float = 0.95  # after a refusal, admit this share of the measured goodput
     min_cut: float = 0.5  # one cut never goes below this share of the rate in force ...
     max_cut: float = 0.9  # ... and always goes at least this far down
-    transient_share: float = 0.2  # ... and only while the server refuses at most this share of what is sent
-    quiet_s: float = 10.0  # a refusal after this long without one is "isolated": a dip that recovers
+    quiet_s: float = 10.0  # a refusal after this long without one is "isolated": a dip that recovers ...
+    transient_share: float = 0.2  # ... if the server refused at most this share of what was sent meanwhile
     dip_recovery_doubling_s: float = 0.5
     start_rps: float = 8.0  # slow start: the first request rate with no limit known
     slow_start_doubling_s: float = 0.25
@@ -141,6 +139,7 @@ class _Axis:
         self.s = settings
         self.ceiling = ceiling  # configured, or stated by the server; never exceeded
         self._configured = ceiling
+        self.recent = _Window(settings.window_s)  # starts over the last window_s: the sending rate
         self.started = _Window(settings.history_s)
         self.lost = _Window(settings.history_s)  # refused or failed: not accepted
         self.accepted60 = _Window(60.0)  # started minus refused or failed, over the last minute
@@ -164,6 +163,7 @@ class _Axis:
 
     def count_start(self, now: float, amount: float) -> None:
         self.started.add(now, amount)
+        self.recent.add(now, amount)
         self.accepted60.add(now, amount)
         self.total_started += amount
         self.n_started += 1
@@ -212,7 +212,7 @@ class _Axis:
         return plateau * (1.0 + ((t - k) / self.s.probe_cubic_s) ** 3)
 
     def sent_rate(self, now: float) -> float:
-        return self.started.total_since(now, self.s.window_s) / self.s.window_s
+        return self.recent.total(now) / self.s.window_s
 
     def _span(self, now: float) -> float:
         """The goodput window: ``window_s``, or long enough to hold ``storm_measure_starts`` x 2 requests at the
