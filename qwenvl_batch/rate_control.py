@@ -21,30 +21,40 @@ What it assumes about the provider (Model Studio, OpenAI, LiteLLM proxies; refer
 
 The algorithm, one instance per axis (requests/s and tokens/s)
 -------------------------------------------------------------
-It is AIMD as in TCP congestion control (Jacobson 1988; RFC 5681), with three borrowings, chosen because the
-signal here is a loss (a 429), not a latency gradient: Netflix's concurrency-limits gradient methods and Vegas
-infer a limit from queueing delay, but a rate limiter adds no delay before it refuses, so there is no gradient
-to read. The borrowings:
+It is AIMD as in TCP congestion control (Jacobson 1988; RFC 5681) with borrowings from its descendants, chosen
+because the signal here is a loss (a 429), not a latency gradient: Netflix's concurrency-limits gradient methods
+and TCP Vegas infer a limit from queueing delay, but a rate limiter adds no delay before it refuses, so there is
+no gradient to read. What it does:
 
 * **Slow start** (RFC 5681 §3.1): with no limit configured and none stated by the server, the request rate starts
-  at ``start_rps`` and doubles every ``slow_start_doubling_s``, so a burst of ``concurrency`` requests never
+  at ``start_rps`` and doubles every ``slow_start_doubling_s`` while it is used (growth that is not used is not
+  kept, RFC 7661: at most ``app_limited_factor`` x what was sent), so a burst of ``concurrency`` requests never
   meets an account's per-second bucket at once (that burst alone was 35 % 429s of a run), while an unlimited
-  server is at full speed within a couple of seconds.
-* **Decrease to the measured goodput**, like BBR's delivery-rate estimate (Cardwell et al. 2016) rather than
-  a blind halving: a 429 sets the rate to ``margin`` x what the server accepted over the last ``window_s``,
-  clamped to [``min_cut``, ``max_cut``] x the rate in force, so one cut never more than halves the rate and
-  always cuts something.
+  server is at full speed within about a second.
+* **Decrease to the measured goodput**, like BBR's delivery-rate estimate (Cardwell et al. 2016) rather than a
+  blind halving: a 429 sets the rate to ``margin`` x what the server accepted, clamped to [``min_cut``,
+  ``max_cut``] x the rate in force while the storm is young, so one cut never more than halves the rate. The
+  goodput window is ``window_s`` (longer at low rates, so it holds a few requests); once a storm is
+  ``storm_measure_s`` old and has seen ``storm_measure_starts`` requests, goodput is measured since the storm
+  began: the bucket is empty then, so what it accepts is exactly its refill rate, burst credit excluded.
 * **One cut per congestion event**, like NewReno's recovery (RFC 6582): refusals of requests that started before
   the last cut belong to that cut (the burst that caused it) and are only counted; a refusal of a request that
   started after it cuts again at once. There is no cooldown, so a storm is cut down within a few round trips.
 * **An isolated refusal is a dip, not a verdict**: a refusal after ``quiet_s`` without one (or the first of a
-  run) cuts the same way but recovers multiplicatively (x2 every ``dip_recovery_doubling_s``) to the rate it
-  interrupted; only a second refusal soon after makes the lower rate stick. A transient 429 on an unlimited
-  server therefore costs a fraction of a second, not twenty minutes.
-* **Probing up after a cut** follows CUBIC's convex phase (RFC 9438): ``rate = cut x (1 + probe_linear x t +
-  (t / probe_cubic_s)^3)``: a fraction of a percent per second near the level that was just refused (a
-  per-second bucket drained by a 1 % overshoot takes ~100 s to refuse again), faster and faster the longer the
-  server stays quiet, so capacity that appears mid-run (another job finished) is found within a minute or so.
+  run), while the server refused little of what was sent and the rate is below the level refused before, cuts
+  the same way but recovers multiplicatively (x2 every ``dip_recovery_doubling_s``) to the rate it interrupted;
+  only a second refusal soon after makes the lower rate stick. A transient 429 on an unlimited server therefore
+  costs a fraction of a second, not twenty minutes.
+* **Back up after a cut** along CUBIC's curve (RFC 9438), in relative terms: concave from the cut up to the
+  plateau (``margin`` x the measured goodput) within ``recover_s``, then convex beyond it at the time scale
+  ``probe_cubic_s``: +1 % after 10 s near the level just refused (a per-second bucket overshot by 1 % takes
+  ~100 s to refuse again), faster and faster the longer the server stays quiet, so capacity that appears mid-run
+  (another job finished) is found within a minute or so.
+* **The per-minute window**: a storm that starts when the last minute accepted about the current rate throughout
+  is that window running full. Its refusals last until old entries expire, whatever the rate, and say nothing
+  about the per-second rate; so the rate is capped at ``minute_margin`` x what that minute accepted (for
+  ``minute_hold_s``, renewed while it holds), and the cuts of that storm return to the cap rather than to their
+  near-zero measurements.
 
 A configured limit is a ceiling no output ever exceeds; the rate starts there (spaced evenly, no slow start),
 and a server that enforces less is learned from its refusals exactly as above. Retry-After pauses every

@@ -180,3 +180,13 @@ def test_provider_model_limit_lowered_mid_run_is_followed_within_10_s() -> None:
 def _describe(result: RunResult) -> str:
     return (f"{result.accepted_per_minute():.0f}/min, 429s {result.refused_share:.2%} of {len(result.sends)} sends, "
             f"{result.duration_s:.1f} s")
+
+
+def test_completion_keeps_only_rate_limit_headers_lower_cased() -> None:
+    """The client hands the limiter the rate-limit headers of a 200 (names lower-cased) and nothing else."""
+    from qwenvl_batch.client import rate_limit_headers
+
+    headers = {"X-RateLimit-Limit-Requests": "60", "llm_provider-x-ratelimit-remaining-tokens": "9",
+               "Retry-After": "2", "Content-Type": "application/json", "x-request-id": "abc"}
+    assert rate_limit_headers(headers) == {"x-ratelimit-limit-requests": "60", "retry-after": "2",
+                                           "llm_provider-x-ratelimit-remaining-tokens": "9"}
