@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import openai
@@ -51,6 +52,7 @@ class Completion:
     request_id: str | None
     usage_estimated: bool = False  # the server sent no usage: the token counts are the runner's estimate
     proxy_retries: int = 0  # upstream attempts a proxy made on its own first (x-litellm-attempted-retries)
+    headers: Mapping[str, str] = field(default_factory=dict)  # rate-limit headers only, names lower-cased
 
 
 class ChatClient:
@@ -100,6 +102,7 @@ class ChatClient:
             usage=getattr(completion, "usage", None),
             request_id=raw.headers.get("x-request-id") or getattr(completion, "id", None),
             proxy_retries=proxy_retries(raw.headers),
+            headers=rate_limit_headers(raw.headers),
         )
         if raw.headers.get("x-dashscope-partialresponse", "").lower() == "true":
             raise PartialResponseError("the provider cut the answer short (x-dashscope-partialresponse: true)",
@@ -146,6 +149,7 @@ class ChatClient:
             usage=usage,
             request_id=raw.headers.get("x-request-id") or chunk_id,
             proxy_retries=proxy_retries(raw.headers),
+            headers=rate_limit_headers(raw.headers),
         )
 
 
@@ -196,8 +200,16 @@ def _raise_error_body(completion: Any, request: Any) -> None:
         raise openai.APIError(message if isinstance(message, str) else "error in a 200 answer", request, body=error)
 
 
+def rate_limit_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The response headers the rate controller reads (``x-ratelimit-*``, LiteLLM's ``llm_provider-x-ratelimit-*``,
+    ``retry-after*``), names lower-cased; everything else is dropped."""
+    wanted = ("x-ratelimit-", "llm_provider-x-ratelimit-", "retry-after")
+    return {name.lower(): value for name, value in headers.items() if name.lower().startswith(wanted)}
+
+
 def _completion(*, content: str, reasoning: str | None, finish_reason: str | None, model: str | None,
-                usage: Any, request_id: str | None, proxy_retries: int = 0) -> Completion:
+                usage: Any, request_id: str | None, proxy_retries: int = 0,
+                headers: Mapping[str, str] | None = None) -> Completion:
     prompt_details = _extra(usage, "prompt_tokens_details") if usage else None
     completion_details = _extra(usage, "completion_tokens_details") if usage else None
     completion_tokens = getattr(usage, "completion_tokens", None) if usage else None
@@ -217,6 +229,7 @@ def _completion(*, content: str, reasoning: str | None, finish_reason: str | Non
         image_tokens=_detail(prompt_details, "image_tokens"),
         request_id=request_id,
         proxy_retries=proxy_retries,
+        headers=dict(headers or {}),
     )
 
 

@@ -1,4 +1,4 @@
-"""Requests-per-minute and tokens-per-minute meters, and the adaptive slow-down on 429s.
+"""Requests-per-minute and tokens-per-minute meters, and the runner's admission control around them.
 
 "How many at once" is the worker pool (runner.py); "how many per minute" lives here, as separate meters that
 are acquired *before* a request starts. Model Studio enforces its limits per second as well as per minute and
@@ -8,22 +8,29 @@ advances by ``amount / rate`` per acquisition, with at most ``burst_s`` seconds 
 https://en.wikipedia.org/wiki/Generic_cell_rate_algorithm. Waiters queue on a lock; the first one sleeps
 until its slot; nothing polls.
 
-On a 429 the whole runner slows (every worker shares the meters), and recovers gradually once 429s stop.
+*Which* rates the meters admit is decided by ``rate_control.RateController`` (a pure component: events in,
+rates out; its docstring has the algorithm). ``Limiter`` is the thin async adapter: it feeds the controller
+what happened to each request and hands the controller's rates to the meters.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import contextvars
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+
+from .policy import Decision
+from .rate_control import Admission, ControlSettings, RateController, refusal_kind
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
+# When (and at what estimated token cost) the current task's request started: read when its 429 comes back,
+# so a refusal is attributed to the right congestion event. Each worker is its own task, so this is per request.
+_STARTED: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("qwenvl_started", default=None)
 
 class RateMeter:
     """Admits ``rate_per_s`` units per second on average, evenly spaced, with ``burst_s`` seconds of credit."""
@@ -70,156 +77,96 @@ class RateMeter:
         self.rate_per_s = rate_per_s
 
 
-@dataclass
-class AdaptiveState:
-    """What the adaptive controller knows; exposed for progress display and tests."""
-
-    ceiling_rpm: float | None
-    current_rpm: float | None
-    throttled: int = 0
-    last_throttle_at: float = float("-inf")
-    learned: bool = False  # no limit configured, and a full minute of accepted requests has measured it
-
-
 class Limiter:
-    """The runner's admission control: RPM and TPM meters plus slow start and back-off on 429s.
+    """The runner's admission control: RPM and TPM meters whose rates come from a ``RateController``.
 
-    With a configured request limit (the ceiling):
-
-    * slow start: the rate begins at ``start_fraction`` of the ceiling and grows to it over ``ramp_s``;
-    * on a 429 (at most once per ``cooldown_s``) the rate drops to ``decrease`` x itself, and a ``Retry-After``
-      pauses every worker, not only the one that got it;
-    * each ``recover_s`` without a 429 it grows back by ``increase`` x the ceiling, up to the ceiling.
-
-    With no request limit configured, nothing is metered until the first 429. From then on the rate is set from
-    what the server actually accepted over the last minute (``learn_margin`` below it) — a measurement of the
-    limit, not a guess — and probes upwards by ``learn_increase`` x itself per ``recover_s``. The first 429
-    (before a minute has passed) sets half the rate that was sent and not refused, since providers allow short
-    bursts of about twice their per-second rate.
+    With a configured limit the meters start there, evenly spaced (no initial burst), and never exceed it; with
+    none they start slowly and double until the server refuses. See rate_control.py for what a 429 does.
     """
 
-    def __init__(
-        self,
-        *,
-        requests_per_minute: float | None,
-        tokens_per_minute: float | None,
-        clock: Clock = time.monotonic,
-        start_fraction: float = 0.25,
-        ramp_s: float = 20.0,
-        decrease: float = 0.8,
-        increase: float = 0.02,
-        cooldown_s: float = 5.0,
-        recover_s: float = 2.0,
-        learn_margin: float = 0.95,
-        learn_increase: float = 0.005,
-    ) -> None:
+    def __init__(self, *, requests_per_minute: float | None, tokens_per_minute: float | None,
+                 clock: Clock = time.monotonic, settings: ControlSettings | None = None) -> None:
         self._clock = clock
-        self.requests = RateMeter(None, burst_s=1.0, clock=clock)
-        self.tokens = RateMeter(tokens_per_minute / 60.0 if tokens_per_minute else None, burst_s=1.0, clock=clock)
-        self.state = AdaptiveState(ceiling_rpm=requests_per_minute, current_rpm=None)
-        self._start = clock()
-        self._start_fraction = start_fraction
-        self._ramp_s = ramp_s
-        self._decrease = decrease
-        self._increase = increase
-        self._cooldown_s = cooldown_s
-        self._recover_s = recover_s
-        self._learn_margin = learn_margin
-        self._learn_increase = learn_increase
-        self._last_increase = self._start
-        self._accepted: collections.deque[float] = collections.deque()  # successes, last 60 s
-        self._starts: collections.deque[float] = collections.deque()  # requests started, last 5 s
-        self._rejected: collections.deque[float] = collections.deque()  # 429s, last 5 s
-        if requests_per_minute:
-            self._set_rpm(requests_per_minute * start_fraction)
+        self.controller = RateController(requests_per_minute=requests_per_minute,
+                                         tokens_per_minute=tokens_per_minute, now=clock(), settings=settings)
+        first = self.controller.admission(clock())
+        self.requests = RateMeter(first.requests_per_s, burst_s=1.0, clock=clock)
+        self.tokens = RateMeter(first.tokens_per_s, burst_s=1.0, clock=clock)
+        for meter in (self.requests, self.tokens):  # no credit at the start: the first second is spaced too
+            if meter.rate_per_s:
+                meter.adjust(meter.rate_per_s * meter.burst_s)
+        self._lock = asyncio.Lock()
+        self.throttled = 0
 
-    def _set_rpm(self, rpm: float | None) -> None:
-        self.state.current_rpm = rpm
-        self.requests.set_rate(rpm / 60.0 if rpm else None)
+    @property
+    def admission(self) -> Admission:
+        """The controller's rates right now (for progress display)."""
+        return self.controller.admission(self._clock())
+
+    def book(self, estimated_tokens: float) -> float:
+        """Book one request of about ``estimated_tokens`` at the controller's current rates; returns the wait."""
+        now = self._clock()
+        admission = self.controller.admission(now)
+        for meter, rate in ((self.requests, admission.requests_per_s), (self.tokens, admission.tokens_per_s)):
+            meter.set_rate(rate)
+            meter.pause_until(admission.paused_until)
+        return max(self.requests.reserve(1.0), self.tokens.reserve(float(estimated_tokens)))
+
+    def sent(self, estimated_tokens: float) -> None:
+        """The request is about to go out: the controller counts it (goodput is starts minus refusals)."""
+        now = self._clock()
+        self.controller.started(now, float(estimated_tokens))
+        _STARTED.set((now, float(estimated_tokens)))
 
     async def acquire(self, estimated_tokens: int) -> float:
-        """Wait until one request of about ``estimated_tokens`` may start; returns the seconds waited."""
-        self._grow()
-        waited = await self.requests.acquire(1.0)
-        waited += await self.tokens.acquire(float(estimated_tokens))
-        _trim(self._starts, self._clock(), 5.0).append(self._clock())
-        return waited
+        """Wait until one request of about ``estimated_tokens`` may start; returns the seconds waited.
 
-    def settle(self, estimated_tokens: int, actual_tokens: int | None) -> None:
-        """A request succeeded: count it as accepted, and correct the token meter with the real usage."""
-        now = self._clock()
-        _trim(self._accepted, now, 60.0).append(now)
+        Only the head of the queue books a slot (under the lock) and sleeps until it, so a rate change (a 429,
+        slow start) applies to the very next request rather than to slots booked minutes ahead.
+        """
+        async with self._lock:
+            delay = self.book(estimated_tokens)
+            if delay > 0:
+                await asyncio.sleep(delay)
+        self.sent(estimated_tokens)
+        return delay
+
+    def settle(self, estimated_tokens: int, actual_tokens: int | None,
+               headers: Mapping[str, str] | None = None) -> None:
+        """A request succeeded: correct the token meter with the real usage; its rate-limit headers state limits."""
+        self.controller.accepted(self._clock(), headers=headers)
         if actual_tokens is not None:
             self.tokens.adjust(float(actual_tokens - estimated_tokens))
 
-    def on_throttle(self, retry_after_s: float | None) -> None:
-        """A 429 came back: slow everyone down (once per cooldown), and honour Retry-After for everyone."""
+    def on_failure(self, decision: Decision) -> None:
+        """A failed attempt that will be retried: a 429 steers the rates, a connection failure only counts."""
+        if decision.error_type == "rate_limit":
+            self.on_throttle(decision.retry_after_s, code=decision.code)
+        elif decision.error_type in ("connection", "timeout"):
+            started = _STARTED.get()
+            self.controller.failed(self._clock(), tokens=started[1] if started else 0.0)
+
+    def on_throttle(self, retry_after_s: float | None, *, code: str | None = None, tokens: float | None = None,
+                    started_at: float | None = None) -> None:
+        """A 429 came back: the controller cuts (or counts it), and a Retry-After holds every worker."""
         now = self._clock()
-        _trim(self._rejected, now, 5.0).append(now)
-        if retry_after_s:
-            self.requests.pause_until(now + retry_after_s)
-            self.tokens.pause_until(now + retry_after_s)
-        if now - self.state.last_throttle_at < self._cooldown_s:
-            return
-        self.state.last_throttle_at = now
-        self.state.throttled += 1
-        current = self.state.current_rpm
-        if self.state.ceiling_rpm:
-            new_rpm = (current or self.state.ceiling_rpm) * self._decrease
-        else:
-            new_rpm = self._learned_rpm(now, current)
-        new_rpm = max(1.0, new_rpm)
-        log.debug("rate limited: request rate %.0f → %.0f /min", current or 0, new_rpm)
-        self._set_rpm(new_rpm)
-        self._last_increase = now
-
-    def _learned_rpm(self, now: float, current: float | None) -> float:
-        """No limit configured: what the server accepted tells us its limit.
-
-        Once a full minute has passed, the requests accepted in the last 60 s *are* the per-minute limit (the
-        window was full, or we would not be throttled), so the rate goes just below that. Before that, only
-        the burst is known: the first 429 starts at half the rate accepted so far (providers allow short bursts
-        of about twice the per-second rate), later ones cut multiplicatively.
-        """
-        elapsed = now - self._start
-        accepted = len(self._accepted)
-        if elapsed >= 60.0 and accepted >= 5:
-            self.state.learned = True
-            return accepted * self._learn_margin
-        if current is None:  # answers lag by the latency: count what was sent and not (yet) refused
-            not_refused = max(len(self._starts) - len(self._rejected), 1)
-            return not_refused / max(min(elapsed, 5.0), 1.0) * 60.0 * 0.5
-        return current * self._decrease
-
-    def _grow(self) -> None:
-        """Slow start towards the ceiling, then additive increase after quiet periods."""
-        now = self._clock()
-        ceiling, current = self.state.ceiling_rpm, self.state.current_rpm
-        if current is None:
-            return
-        if self.state.throttled == 0 and ceiling:
-            progress = min(1.0, (now - self._start) / self._ramp_s) if self._ramp_s else 1.0
-            self._set_rpm(ceiling * (self._start_fraction + (1 - self._start_fraction) * progress))
-            return
-        if not ceiling and not self.state.learned and now - self._start >= 60.0 and len(self._accepted) >= 5:
-            # A 429 came within the last minute, so that minute's window was full: what it accepted is the limit.
-            self.state.learned = True
-            self._set_rpm(max(current, len(self._accepted) * self._learn_margin))
-            return
-        if now - self._last_increase < self._recover_s or now - self.state.last_throttle_at < self._recover_s:
-            return
-        self._last_increase = now
-        if ceiling:
-            self._set_rpm(min(ceiling, current + ceiling * self._increase))
-        else:  # probe gently: a per-minute window overshot early is paid for with a minute of 429s
-            self._set_rpm(current * (1 + self._learn_increase))
+        started = _STARTED.get()
+        if started_at is None:
+            started_at = started[0] if started else now
+        if tokens is None:
+            tokens = started[1] if started else 0.0
+        before = self.controller.admission(now)
+        self.controller.refused(now, started_at=started_at, tokens=tokens, kind=refusal_kind(code),
+                                retry_after_s=retry_after_s)
+        after = self.controller.admission(now)
+        self.throttled += 1
+        if after != before:
+            log.debug("rate limited (%s): %s/min, %s tokens/min", code or "429", _per_min(after.requests_per_s),
+                      _per_min(after.tokens_per_s))
 
 
-def _trim(events: collections.deque[float], now: float, span_s: float) -> collections.deque[float]:
-    """Drop timestamps older than ``span_s``; returns the deque for chaining."""
-    while events and events[0] < now - span_s:
-        events.popleft()
-    return events
+def _per_min(rate_per_s: float | None) -> str:
+    return "unmetered" if rate_per_s is None else f"{rate_per_s * 60:.0f}"
 
 
 class ByteBudget:

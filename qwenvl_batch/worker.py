@@ -112,12 +112,14 @@ class RowWorker:
                                                          billed, prompt_estimate=prompt_estimate)
         latency_s = time.monotonic() - started
         if completion is not None:
-            self.limiter.settle(estimate, completion.total_tokens)
+            self.limiter.settle(estimate, completion.total_tokens, completion.headers)
             result = self.rows.ok(row, completion, attempts, latency_s, billed)
             return self._check_images(result, rendered, images, completion)
         if failure is None:
             return None  # the run is stopping: leave the row pending
         decision = classify(failure)
+        if decision.error_type == "rate_limit":  # a 429 on the last attempt still tells the controller
+            self.limiter.on_failure(decision)
         if decision.action is Action.STOP_JOB:
             raise JobError(decision.message, code=decision.code)
         if decision.action is Action.RETRY and self.run.stopping:
@@ -228,8 +230,7 @@ class RowWorker:
         counters = self.run.counters
         counters.retries += 1
         counters.retry_reasons[decision.reason] = counters.retry_reasons.get(decision.reason, 0) + 1
-        if decision.error_type == "rate_limit":
-            self.limiter.on_throttle(decision.retry_after_s)
+        self.limiter.on_failure(decision)  # a 429 steers the rate controller; a connection failure only counts
 
     async def _sleep(self, seconds: float) -> None:
         """Backoff that wakes up early when the run is stopping (the row is then left pending)."""

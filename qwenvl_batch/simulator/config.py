@@ -100,6 +100,12 @@ class SimulatorConfig:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
     burst_tolerance: float = 2.0
+    # How the limits are enforced (simulator/ratelimit.py): "window" (sliding minute + sliding second x
+    # burst_tolerance) or "bucket" (per-second token bucket with burst_s seconds of credit, like the emulator of
+    # issue 9); limit_changes: (seconds after the first limited request, factor) to change the limits mid-run.
+    rate_limit_mode: Literal["window", "bucket"] = "window"
+    burst_s: float = 1.0
+    limit_changes: tuple[tuple[float, float], ...] = ()
     retry_after_s: float | None = None
     latency_s: float = 0.0
     latency_dist: LatencyDist = "fixed"
@@ -138,6 +144,11 @@ class SimulatorConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"simulator: {name} must be a positive number or unset, got {value}")
+        object.__setattr__(self, "limit_changes", tuple((float(a), float(f)) for a, f in self.limit_changes))
+        if self.rate_limit_mode not in ("window", "bucket"):
+            raise ConfigError(f"simulator: rate_limit_mode must be window or bucket, got {self.rate_limit_mode!r}")
+        if self.burst_s <= 0 or any(f <= 0 for _, f in self.limit_changes):
+            raise ConfigError("simulator: burst_s and every limit_changes factor must be > 0")
         if self.burst_tolerance <= 0:
             raise ConfigError(f"simulator: burst_tolerance must be > 0, got {self.burst_tolerance}")
         if self.retry_after_s is not None and self.retry_after_s < 0:

@@ -88,7 +88,7 @@ class SimulatorState:
         if cfg.requests_per_minute is None and cfg.tokens_per_minute is None:
             return None
         if model not in self.limiters:
-            self.limiters[model] = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute, cfg.burst_tolerance)
+            self.limiters[model] = RateLimiter.from_config(cfg)
         return self.limiters[model]
 
 
