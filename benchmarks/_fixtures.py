@@ -138,6 +138,7 @@ def _done_table(batch: pa.RecordBatch, renderer: RowRenderer, schema: pa.Schema,
         "output_cost": pa.array(completion_tokens * 0.4 / 1e6),
         "cost": pa.array(cost),
         "currency": pa.array(["USD"] * n),
+        "simulated": pa.array([False] * n),
     })
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 

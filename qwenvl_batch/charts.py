@@ -76,7 +76,7 @@ def _time_ticks(lo: float, hi: float, count: int = 5) -> tuple[list[float], str,
     span = max(hi - lo, 1.0)
     step = next((s for s in _TIME_STEPS_S if span / s <= count), _TIME_STEPS_S[-1])
     first = math.ceil(lo / step) * step
-    ticks = [float(t) for t in range(int(first), int(hi) + 1, step)]
+    ticks = [float(t) for t in range(int(first), int(hi) + 1, step) if t <= hi] or [lo]  # a sub-second run: its start
     fmt = "%H:%M:%S" if step < 60 else "%H:%M" if step < 86400 else "%m-%d"
     day_lo, day_hi = time.strftime("%Y-%m-%d", time.gmtime(lo)), time.strftime("%Y-%m-%d", time.gmtime(hi))
     return ticks, fmt, day_lo if day_lo == day_hi else f"{day_lo} to {day_hi}"
@@ -273,7 +273,7 @@ def time_line_chart(chart_id: str, title: str, *, series: Sequence[Series], y_ti
     xs = [x for s in series for x in s.xs] + [s.projection[0] for s in series if s.projection]
     ys = [y for s in series for y in s.ys] + [s.projection[1] for s in series if s.projection]
     lo, hi = min(xs), max(xs)
-    if hi - lo < 1:
+    if hi <= lo:
         hi = lo + 1
     names = [s.name + (" (dashed: projected)" if s.projection else "") for s in series]
     canvas = _Canvas(chart_id, title, lo, hi, _nice_ticks(max(ys, default=0.0))[-1], "", y_title, legend=names,

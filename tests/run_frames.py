@@ -41,6 +41,10 @@ def long_run_frame(rows: int = 6_000, hours: float = 6.0, seed: int = 7) -> pd.D
         "finished_at": START + pd.to_timedelta(offsets, unit="s"),
         "simulated": True,
     })
+    for column in ("response", "reasoning", "finish_reason", "request_id", "fingerprint"):
+        frame[column] = np.where(ok, "x", None) if column != "reasoning" else None
+    for column in ("reasoning_tokens", "cached_tokens", "image_tokens"):
+        frame[column] = pd.array(np.where(ok, 0, None), dtype="Int64")
     usd = add_cost_columns(frame.iloc[: rows * 3 // 4], PriceTable.builtin(), "intl")
     cny = add_cost_columns(frame.iloc[rows * 3 // 4:], PriceTable.builtin(), "cn")
     return pd.concat([usd, cny]).sort_values("finished_at").reset_index(drop=True)
