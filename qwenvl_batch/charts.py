@@ -74,10 +74,17 @@ _TIME_STEPS_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 
 def _time_ticks(lo: float, hi: float, count: int = 5) -> tuple[list[float], str, str]:
     """Round clock times between lo and hi (epoch s), their strftime format, and the axis title's date part."""
     span = max(hi - lo, 1.0)
+    multi_day = span > 86400
+    count = 3 if multi_day else count  # "12-01 06:00" labels are twice as wide
     step = next((s for s in _TIME_STEPS_S if span / s <= count), _TIME_STEPS_S[-1])
     first = math.ceil(lo / step) * step
     ticks = [float(t) for t in range(int(first), int(hi) + 1, step) if t <= hi] or [lo]  # a sub-second run: its start
-    fmt = "%H:%M:%S" if step < 60 else "%H:%M" if step < 86400 else "%m-%d"
+    if step >= 86400:
+        fmt = "%m-%d"
+    elif multi_day:  # hours alone would be ambiguous over several days
+        fmt = "%m-%d %H:%M"
+    else:
+        fmt = "%H:%M:%S" if step < 60 else "%H:%M"
     day_lo, day_hi = time.strftime("%Y-%m-%d", time.gmtime(lo)), time.strftime("%Y-%m-%d", time.gmtime(hi))
     return ticks, fmt, day_lo if day_lo == day_hi else f"{day_lo} to {day_hi}"
 

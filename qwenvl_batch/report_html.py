@@ -278,12 +278,21 @@ def _cost_charts(data: ChartData, summary: dict[str, Any]) -> list[str]:
         out.append(_figure(cid, title, charts.hbar_chart(cid, title, items=items, x_title=f"cost ({currency})")))
     if summary.get("by"):
         for currency in data.cost:
-            items = [(g["group"], t["cost"] or 0.0) for g in summary["groups"] for t in g["cost"]["total"]
-                     if t["currency"] == currency]
+            items = _top_items([(g["group"], t["cost"] or 0.0) for g in summary["groups"] for t in g["cost"]["total"]
+                                if t["currency"] == currency])
             cid = f"cost-by-{_safe_id(currency)}"
             title = f"Cost by {summary['by']}, {currency}"
             out.append(_figure(cid, title, charts.hbar_chart(cid, title, items=items, x_title=f"cost ({currency})")))
     return out
+
+
+def _top_items(items: list[tuple[str, float]], top: int = 15) -> list[tuple[str, float]]:
+    """The ``top`` largest bars and one summing the rest: a --by column with 10,000 values stays one screen."""
+    if len(items) <= top + 1:
+        return items
+    ranked = sorted(items, key=lambda item: -item[1])
+    rest = ranked[top:]
+    return [*ranked[:top], (f"other ({len(rest):,} groups)", sum(value for _, value in rest))]
 
 
 def _kpis(data: ChartData, summary: dict[str, Any]) -> str:

@@ -111,6 +111,7 @@ def test_page_has_every_chart_with_units_and_the_text_reports_tables() -> None:
         assert f"<summary>{group}</summary>" in page
         assert all(f"<h3>{table.title}</h3>" in page for table in tables)
     assert "SIMULATED: 6,000 row(s)" in page
+    assert "Dashed: projected to all 9,000 rows, finishing about 2026-12-01 07:38 UTC." in page
     assert "Costs are in 2 currencies" in page and "USD + CNY" not in page
 
 

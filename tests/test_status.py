@@ -7,6 +7,9 @@ import io
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -97,9 +100,10 @@ def _done_so_far(output: Path) -> int:
         return 0
 
 
-def test_status_on_a_running_job_matches_report(tmp_path: Path) -> None:
+def test_status_on_a_running_job_matches_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """While a job runs against a slow simulator, status says it is running, and on one snapshot of the output
-    its done/ok/error counts and spend equal report's; afterwards both agree on the finished output."""
+    its done/ok/error counts and spend equal report's; the commands work mid-run; afterwards both agree on the
+    finished output."""
     server = SimulatorProcess(tmp_path, "--latency", "0.25")
     try:
         rows = image_rows(tmp_path, 40)
@@ -120,6 +124,13 @@ def test_status_on_a_running_job_matches_report(tmp_path: Path) -> None:
         shutil.copytree(job.output.path.with_name("out.state"), snapshot.with_name("out.state"))  # journal first
         shutil.copytree(job.output.path, snapshot)
         assert_matches_report(read_status(snapshot, total=40), snapshot)
+        job_file = str(tmp_path / "job.toml")
+        assert main(["status", str(job.output.path), "--job", job_file]) == 0
+        screen = capsys.readouterr().out
+        assert re.search(r"^Run:\s+running \(process \d+ on ", screen, re.MULTILINE) and " of 40 done " in screen
+        page = tmp_path / "live.html"
+        assert main(["report", str(job.output.path), "--html", str(page), "--job", job_file]) == 0
+        assert "Dashed: projected to all 40 rows" in page.read_text(encoding="utf-8")
         runner.join(timeout=120)
         assert not runner.is_alive()
     finally:
@@ -231,6 +242,22 @@ def test_status_and_report_commands(tmp_path: Path, sim, capsys: pytest.CaptureF
     assert html.startswith("<!doctype html>") and '<svg id="cost-by-USD"' in html and "5 of 5" in html
     assert main(["report", out, "--format", "html"]) == 0
     assert capsys.readouterr().out.startswith("<!doctype html>")
+
+
+def test_watch_command_redraws_until_ctrl_c(tmp_path: Path) -> None:
+    """`status --watch N` redraws every N seconds and ends cleanly (exit 0) on Ctrl-C."""
+    output = write_output(tmp_path / "out.parquet", long_run_frame(rows=50))
+    proc = subprocess.Popen([sys.executable, "-m", "qwenvl_batch", "status", str(output), "--watch", "0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    screens, deadline = 0, time.monotonic() + 60
+    while screens < 3 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        screens += "(refreshing every 0.2 s; Ctrl-C to stop)" in line
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert screens == 3 and proc.returncode == 0, err
+    assert "Traceback" not in err
 
 
 def test_status_command_errors_name_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
