@@ -28,6 +28,7 @@ WIDTH, HEIGHT = 480, 280  # small viewBox, big text: the text stays ~10 px on a 
 _LEFT, _RIGHT, _TOP, _BOTTOM = 62, 16, 14, 46
 _FONT = 14
 _CHAR_W = 7.6  # average glyph width at 14 px in a system sans font, for layout
+_DIGIT_W = 9.0  # digits and colons are wider than average (DejaVu Sans: ~8.9 px at 14 px)
 
 # Colour, pattern and dash per series: colours alternate dark/light so neighbours differ in greyscale too.
 _COLOURS = ("#1f4e79", "#e69f00", "#009e73", "#d55e00", "#7fb8e0", "#555555", "#cc79a7")
@@ -56,13 +57,15 @@ def format_number(value: float, decimals: int | None = None) -> str:
     return f"{value:.3g}"
 
 
-def _nice_ticks(hi: float, count: int = 5) -> list[float]:
-    """0 and round steps (1, 2, 2.5, 5 × 10^k) up to at least ``hi``."""
+def _nice_ticks(hi: float, count: int = 5, *, integer: bool = False) -> list[float]:
+    """0 and round steps (1, 2, 2.5, 5 × 10^k) up to at least ``hi``; whole steps only for counts."""
     if not math.isfinite(hi) or hi <= 0:
         return [0.0, 1.0]
     raw = hi / count
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    if integer:
+        step = max(1.0, math.ceil(step))
     n = math.ceil(hi / step - 1e-9)
     return [i * step for i in range(n + 1)]
 
@@ -114,6 +117,7 @@ class _Canvas:
     legend: list[str] = field(default_factory=list)
     legend_kind: str = "bar"
     y_decimals: int | None = None
+    y_integer: bool = False  # counts: no 0.5 tick
     parts: list[str] = field(default_factory=list)
     top: float = _TOP
     left: float = _LEFT
@@ -124,7 +128,7 @@ class _Canvas:
         self.top = _TOP + self._legend_rows() * 20
 
     def y_ticks(self) -> list[float]:
-        return _nice_ticks(self.y_hi) if self.y_hi else [0.0]
+        return _nice_ticks(self.y_hi, integer=self.y_integer) if self.y_hi else [0.0]
 
     def _legend_rows(self) -> int:
         if len(self.legend) < 2:
@@ -191,12 +195,15 @@ class _Canvas:
             out.append(f'<line x1="{self.left}" x2="{WIDTH - _RIGHT}" y1="{py:.1f}" y2="{py:.1f}" class="grid"/>')
             out.append(f'<text x="{self.left - 6}" y="{py + 4:.1f}" text-anchor="end">'
                        f'{_esc(format_number(value, y_format))}</text>')
+        right_of_last = -math.inf
         for value, label in x_ticks:
             px = self.x(value)
             out.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{bottom}" y2="{bottom + 5}" stroke="#333"/>')
-            half = len(label) * _CHAR_W / 2  # keep a label at either end inside the picture
-            anchor = "end" if px + half > WIDTH - 2 else "start" if px - half < 2 else "middle"
-            out.append(f'<text x="{px:.1f}" y="{bottom + 18}" text-anchor="{anchor}">{_esc(label)}</text>')
+            half = len(label) * _DIGIT_W / 2
+            if px - half < right_of_last + 8 or px + half > WIDTH or px - half < 0:
+                continue  # a label that would overlap its neighbour or leave the picture is left out (tick kept)
+            right_of_last = px + half
+            out.append(f'<text x="{px:.1f}" y="{bottom + 18}" text-anchor="middle">{_esc(label)}</text>')
         out.append(f'<line x1="{self.left}" x2="{WIDTH - _RIGHT}" y1="{bottom}" y2="{bottom}" stroke="#333"/>')
         out.append(f'<text x="{(self.left + WIDTH - _RIGHT) / 2:.0f}" y="{HEIGHT - 6}" text-anchor="middle" '
                    f'class="axis">{_esc(self.x_title)}</text>')
@@ -253,13 +260,13 @@ def _time_axis(lo: float, hi: float) -> tuple[list[tuple[float, str]], str]:
 
 
 def time_bar_chart(chart_id: str, title: str, *, start: float, width_s: float, series: Sequence[Series],
-                   y_title: str, tip_unit: str) -> str:
+                   y_title: str, tip_unit: str, integer: bool = False) -> str:
     """Bars per time bucket, stacked when there are several series (their ``ys`` share the buckets)."""
     count = max((len(s.ys) for s in series), default=0)
     totals = [sum(float(s.ys[i]) for s in series if i < len(s.ys)) for i in range(count)]
-    y_hi = _nice_ticks(max(totals, default=0.0))[-1]
+    y_hi = _nice_ticks(max(totals, default=0.0), integer=integer)[-1]
     canvas = _Canvas(chart_id, title, start, start + width_s * max(count, 1), y_hi, "", y_title,
-                     legend=[s.name for s in series])
+                     legend=[s.name for s in series], y_integer=integer)
     for i in range(count):
         base = 0.0
         x0 = start + i * width_s
@@ -283,7 +290,9 @@ def time_line_chart(chart_id: str, title: str, *, series: Sequence[Series], y_ti
     if hi <= lo:
         hi = lo + 1
     names = [s.name + (" (dashed: projected)" if s.projection else "") for s in series]
-    canvas = _Canvas(chart_id, title, lo, hi, _nice_ticks(max(ys, default=0.0))[-1], "", y_title, legend=names,
+    headroom = 1.08 if any(s.projection for s in series) else 1.0  # room for the projected value's label
+    canvas = _Canvas(chart_id, title, lo, hi, _nice_ticks(max(ys, default=0.0) * headroom)[-1], "", y_title,
+                     legend=names,
                      legend_kind="line", y_decimals=y_decimals)
     for k, s in enumerate(series):
         canvas.line(s.xs, s.ys, k)
@@ -300,8 +309,8 @@ def time_line_chart(chart_id: str, title: str, *, series: Sequence[Series], y_ti
 def histogram_chart(chart_id: str, title: str, *, edges: Values, counts: Values, x_title: str,
                     y_title: str, markers: dict[str, float], overflow_note: str = "", unit: str = "") -> str:
     """Bars over a numeric axis (the bins) and a labelled vertical line per marker (p50, p95, p99)."""
-    y_hi = _nice_ticks(max(counts, default=0))[-1]
-    canvas = _Canvas(chart_id, title, edges[0], edges[-1], y_hi, x_title, y_title)
+    y_hi = _nice_ticks(max(counts, default=0), integer=True)[-1]
+    canvas = _Canvas(chart_id, title, edges[0], edges[-1], y_hi, x_title, y_title, y_integer=True)
     for lo, hi, count in zip(edges[:-1], edges[1:], counts):
         if count:
             canvas.rect(lo, hi, 0, count, 0, f"{format_number(lo)}–{format_number(hi)}: {count:,} rows")

@@ -240,7 +240,8 @@ def _errors_chart(data: ChartData) -> str:
         return _figure("errors", title, charts.empty_chart("errors", title, "No errors"))
     series = [Series(label, [], data.error_matrix[i]) for i, label in enumerate(data.error_labels)]
     svg = charts.time_bar_chart("errors", title, start=data.rows.start, width_s=data.rows.width_s, series=series,
-                                y_title=f"errors per {_width_text(data.rows.width_s)} bucket", tip_unit="errors")
+                                y_title=f"errors per {_width_text(data.rows.width_s)} bucket", tip_unit="errors",
+                                integer=True)
     return _figure("errors", title, svg, "Rows that ended in error, by when they finished; the table below has an "
                                          "example message for each.")
 

@@ -24,6 +24,11 @@ def test_value_ticks_are_round_and_reach_the_maximum(hi: float, ticks: list[floa
     assert _nice_ticks(hi) == pytest.approx(ticks)
 
 
+def test_count_axes_have_whole_steps() -> None:
+    """An axis of counts (errors, rows) never shows a 0.5 tick."""
+    assert _nice_ticks(2, integer=True) == [0, 1, 2] and _nice_ticks(2) == [0, 0.5, 1, 1.5, 2]
+
+
 @pytest.mark.parametrize(("value", "text"), [
     (0, "0"), (8, "8"), (1_500, "1,500"), (12_000, "12k"), (9_120_000, "9.12M"), (0.000433, "0.000433"), (2.5, "2.5"),
 ])  # fmt: skip

@@ -194,6 +194,15 @@ def test_status_of_a_stalled_job_has_no_eta(tmp_path: Path) -> None:
     assert "ETA:      unknown: 800 pending and no row finished in the last 5 min" in text
 
 
+def test_status_of_an_output_with_no_rows_yet(tmp_path: Path) -> None:
+    """Right after a run created its output (no part, no journal row), status shows zeros, not an error."""
+    output = write_output(tmp_path / "out.parquet")
+    status = read_status(output, total=10, now=NOW)
+    assert (status.done, status.pending, status.rate_per_min, status.eta_s) == (0, 10, 0.0, None)
+    text = render_status(status)
+    assert "0 of 10 done (0.0 %)" in text and "no row has finished yet" in text and "none recorded" in text
+
+
 def test_status_without_the_job_file(tmp_path: Path) -> None:
     """Without --job the manifest size is unknown: no pending count, ETA or projection, and the fix is named."""
     output = write_output(tmp_path / "out.parquet", long_run_frame(rows=200))
