@@ -110,46 +110,61 @@ def _line(times: np.ndarray, values: np.ndarray | None, done: int, total: int | 
     return Line(xs, ys, (finish_at, end) if finish_at is not None and end is not None else None)
 
 
+def _labels(df: pd.DataFrame, column: str) -> pd.Series:
+    if column not in df.columns:
+        return pd.Series("(missing)", index=df.index, dtype="string")
+    return df[column].astype("string").fillna("(missing)")
+
+
+def _errors_over_time(df: pd.DataFrame, is_error: np.ndarray, row_times: np.ndarray,
+                      rows: Buckets) -> tuple[list[str], np.ndarray]:
+    """Error rows per bucket of the rows chart, one series per ``type/code`` (the most frequent few)."""
+    mask = is_error & np.isfinite(row_times)
+    labels = (_labels(df, "error_type") + "/" + _labels(df, "error_code"))[mask]
+    return stacked_buckets(row_times[mask], labels.to_numpy(dtype=str), start=rows.start, width_s=rows.width_s,
+                           count=len(rows.counts))
+
+
+def _cost_lines(df: pd.DataFrame, row_times: np.ndarray, done: int, total: int | None,
+                finish_at: float | None) -> dict[str, Line]:
+    """Cumulative cost per currency (amounts in different currencies are never added, so one line each)."""
+    costs = _numbers(df, "cost")
+    currency = _labels(df, "currency")
+    out: dict[str, Line] = {}
+    for code in sorted(currency[np.isfinite(costs)].unique()):
+        mask = (currency == code).to_numpy(dtype=bool) & np.isfinite(row_times) & np.isfinite(costs)
+        line = _line(row_times[mask], costs[mask], done, total, finish_at)
+        if line is not None:
+            out[str(code)] = line
+    return out
+
+
 def chart_data(df: pd.DataFrame, *, total: int | None = None, now: float | None = None) -> ChartData:
     """Everything the charts draw, from the output frame (one row per id, as ``load_results`` returns)."""
     now = time.time() if now is None else now
-    status = df["status"].astype("string") if "status" in df.columns else pd.Series(pd.NA, index=df.index)
+    status = _labels(df, "status")
     done = int(status.isin(["ok", "error"]).sum())
     row_times = _row_times(df)
-    has_time = np.isfinite(row_times)
-    times = np.sort(row_times[has_time])
+    times = np.sort(row_times[np.isfinite(row_times)])
     finish_at, whole = _finish_at(times, done, total, now)
     rows = buckets(times)
     rows_done = _line(times, None, done, total, finish_at)
     if rows_done is not None and rows_done.projection is not None and total is not None:
         rows_done = Line(rows_done.xs, rows_done.ys, (rows_done.projection[0], float(total)))
-    is_error = (status == "error").fillna(False).to_numpy(dtype=bool)
-    error_at = row_times[is_error & has_time]
-    labels = (df.loc[is_error & has_time, "error_type"].astype("string").fillna("(missing)") + "/"
-              + df.loc[is_error & has_time, "error_code"].astype("string").fillna("(missing)")) \
-        if {"error_type", "error_code"} <= set(df.columns) else pd.Series(["(missing)"] * len(error_at))
-    error_labels, error_matrix = stacked_buckets(error_at, labels.to_numpy(dtype=str), start=rows.start,
-                                                 width_s=rows.width_s, count=len(rows.counts))
+    error_labels, error_matrix = _errors_over_time(df, (status == "error").to_numpy(dtype=bool), row_times, rows)
     latency = _numbers(df, "latency_s")
     attempts = pd.Series(_numbers(df, "attempts")).dropna().astype("int64").value_counts().sort_index()
     tokens = _numbers(df, "total_tokens")
-    costs = _numbers(df, "cost")
-    currency = df["currency"].astype("string") if "currency" in df.columns else pd.Series(pd.NA, index=df.index)
-    cost_lines: dict[str, Line] = {}
-    for code in sorted(currency.dropna().unique()):
-        mask = (currency == code).fillna(False).to_numpy(dtype=bool) & has_time & np.isfinite(costs)
-        line = _line(row_times[mask], costs[mask], done, total, finish_at)
-        if line is not None:
-            cost_lines[str(code)] = line
-    token_mask = has_time & np.isfinite(tokens)
+    with_tokens = np.isfinite(row_times) & np.isfinite(tokens)
     return ChartData(
         done=done, total=total, recent_rate_per_min=recent_rate_per_min(times, now), whole_rate_per_min=whole,
         finish_at=finish_at, rows=rows, rows_done=rows_done, latency=histogram(latency),
         latency_marks=percentiles(latency),
         attempts=[(f"{k} attempt{'s' if k != 1 else ''}", float(v)) for k, v in attempts.items()],
         error_labels=error_labels, error_matrix=error_matrix,
-        tokens=_line(row_times[token_mask], tokens[token_mask], done, total, finish_at) if token_mask.any() else None,
-        cost=cost_lines,
+        tokens=_line(row_times[with_tokens], tokens[with_tokens], done, total, finish_at) if with_tokens.any()
+        else None,
+        cost=_cost_lines(df, row_times, done, total, finish_at),
     )
 
 
