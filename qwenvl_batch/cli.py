@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(commands)
     _add_estimate(commands)
     _add_report(commands)
+    _add_status(commands)
     _add_simulate(commands)
     return parser
 
@@ -146,9 +147,27 @@ def _add_estimate(commands: argparse._SubParsersAction) -> None:
 def _add_report(commands: argparse._SubParsersAction) -> None:
     rep = commands.add_parser("report", help="summarise an output folder (works on interrupted runs too)")
     rep.add_argument("output", help="output folder written by 'run'")
-    rep.add_argument("--format", choices=["text", "markdown", "json", "csv"], default="text")
+    rep.add_argument("--format", choices=["text", "markdown", "json", "csv", "html"], default="text",
+                     help="html: one self-contained page with charts, on stdout (or see --html)")
     rep.add_argument("--by", metavar="COLUMN", help="group every figure by this manifest column")
+    # issue 16: the HTML report and the one-screen status
+    rep.add_argument("--html", metavar="FILE", help="write the HTML report (charts and tables) to FILE")
+    rep.add_argument("--job", metavar="JOB", help="the job file: counts pending rows and projects time and cost to "
+                                                  "the end of its manifest")
+    rep.add_argument("--brief", action="store_true", help="the one-screen status instead (as 'status')")
     rep.set_defaults(handler=_cmd_report)
+
+
+def _add_status(commands: argparse._SubParsersAction) -> None:
+    st = commands.add_parser(
+        "status", help="one screen on a (running) output: done/pending, rate, ETA, spend, last errors",
+        description="One screen on an output, fast even for 10^6 rows, safe beside a running job (takes no lock).",
+    )
+    st.add_argument("output", help="output folder written by 'run'")
+    st.add_argument("--job", metavar="JOB", help="the job file: counts pending rows against its manifest, for the "
+                                                 "ETA and the projected spend")
+    st.add_argument("--watch", type=float, metavar="N", help="redraw every N seconds until Ctrl-C")
+    st.set_defaults(handler=_cmd_status)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -216,8 +235,56 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import render, summarize
     from .store import load_results
 
+    if args.brief:
+        return _cmd_status(argparse.Namespace(output=args.output, job=args.job, watch=None))
+    if args.html or args.format == "html":
+        return _report_html(args)
     frame = load_results(args.output)
     print(render(summarize(frame, by=args.by), args.format))
+    return EXIT_OK
+
+
+def _manifest_rows(job_file: str | None) -> int | None:
+    from .config import load_job
+    from .status import manifest_rows
+
+    return manifest_rows(load_job(job_file)) if job_file else None
+
+
+def _report_html(args: argparse.Namespace) -> int:
+    from .report_html import render_html
+    from .status import writer_state
+    from .store import load_results, open_for_reading
+
+    frame = load_results(args.output)
+    page = render_html(frame, output=args.output, by=args.by, total=_manifest_rows(args.job),
+                       writer=writer_state(open_for_reading(args.output)))
+    if not args.html:
+        sys.stdout.write(page)
+        return EXIT_OK
+    try:
+        with open(args.html, "w", encoding="utf-8") as handle:
+            handle.write(page)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the HTML report to {args.html} ({exc.strerror or exc}); choose another "
+                          "--html FILE") from None
+    print(f"wrote {args.html} ({len(page.encode()) / 1024:,.0f} KB; open it in any browser, it needs no network)")
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .status import read_status, render_status, watch
+
+    total = _manifest_rows(args.job)
+    if args.watch is None:
+        print(render_status(read_status(args.output, total=total)))
+        return EXIT_OK
+    if args.watch <= 0:
+        raise ConfigError(f"--watch {args.watch:g}: give a number of seconds above 0, e.g. --watch 10")
+    try:
+        watch(lambda: read_status(args.output, total=total), args.watch)
+    except KeyboardInterrupt:  # Ctrl-C is how a watch ends
+        pass
     return EXIT_OK
 
 

@@ -27,7 +27,7 @@ import pandas as pd
 
 from .errors import ConfigError
 
-__all__ = ["OUTPUT_COLUMNS", "render", "summarize"]
+__all__ = ["OUTPUT_COLUMNS", "cell", "grouped_tables", "header_lines", "render", "right_aligned", "summarize"]
 
 #: The columns the runner adds to each manifest row; the summary says which of them a frame lacks.
 OUTPUT_COLUMNS: tuple[str, ...] = (
@@ -307,8 +307,7 @@ def render(summary: dict[str, Any], fmt: Literal["text", "markdown", "json", "cs
     """
     if fmt == "json":
         return json.dumps(summary, indent=2, ensure_ascii=False)
-    groups = [("all", summary["overall"])] + [(g["group"], g) for g in summary.get("groups", [])]
-    tabled = [(name, _tables(section)) for name, section in groups]
+    tabled = grouped_tables(summary)
     if fmt == "csv":
         return _render_csv(tabled)
     if fmt == "markdown":
@@ -316,6 +315,13 @@ def render(summary: dict[str, Any], fmt: Literal["text", "markdown", "json", "cs
     if fmt == "text":
         return _render_text(summary, tabled)
     raise ValueError(f"unknown report format {fmt!r} (use text, markdown, json or csv)")
+
+
+def grouped_tables(summary: dict[str, Any]) -> list[tuple[str, list[_Table]]]:
+    """The tables of every section (``all`` first, then each ``--by`` group): what every format renders, so the
+    HTML report shows the same tables as the text one."""
+    groups = [("all", summary["overall"])] + [(g["group"], g) for g in summary.get("groups", [])]
+    return [(name, _tables(section)) for name, section in groups]
 
 
 def _tables(s: dict[str, Any]) -> list[_Table]:
@@ -376,7 +382,7 @@ def _tables(s: dict[str, Any]) -> list[_Table]:
     ]
 
 
-def _cell(value: Any, kind: Kind) -> str:
+def cell(value: Any, kind: Kind) -> str:
     """A value for people: thousands separators, costs with 4 decimals, ``n/a`` for unknown."""
     if value is None:
         return "n/a"
@@ -391,11 +397,11 @@ def _cell(value: Any, kind: Kind) -> str:
     return str(value)
 
 
-def _right(column: _Column, cells: Sequence[str]) -> bool:
+def right_aligned(column: _Column, cells: Sequence[str]) -> bool:
     return column.kind != "str" or all(c.replace(",", "").replace(".", "").isdigit() for c in cells if c != "n/a")
 
 
-def _header_lines(summary: dict[str, Any]) -> list[str]:
+def header_lines(summary: dict[str, Any]) -> list[str]:
     lines = [f"Rows: {summary['rows']:,}"]
     if summary.get("simulated_rows"):
         lines.append(f"SIMULATED: {summary['simulated_rows']:,} row(s) were answered by the built-in simulator "
@@ -415,7 +421,7 @@ def _header_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def _render_text(summary: dict[str, Any], tabled: list[tuple[str, list[_Table]]]) -> str:
-    lines = ["Batch run summary", *_header_lines(summary)]
+    lines = ["Batch run summary", *header_lines(summary)]
     for group, tables in tabled:
         lines += ["", f"=== {group} ==="]
         for table in tables:
@@ -425,10 +431,10 @@ def _render_text(summary: dict[str, Any], tabled: list[tuple[str, list[_Table]]]
 
 
 def _text_table(table: _Table) -> list[str]:
-    cells = [[_cell(v, c.kind) for v, c in zip(row, table.columns)] for row in table.rows]
+    cells = [[cell(v, c.kind) for v, c in zip(row, table.columns)] for row in table.rows]
     columns = list(zip(*cells))
     widths = [max(len(c.name), *(len(x) for x in col)) for c, col in zip(table.columns, columns)]
-    right = [_right(c, col) for c, col in zip(table.columns, columns)]
+    right = [right_aligned(c, col) for c, col in zip(table.columns, columns)]
 
     def line(values: Sequence[str]) -> str:
         parts = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right)]
@@ -438,7 +444,7 @@ def _text_table(table: _Table) -> list[str]:
 
 
 def _render_markdown(summary: dict[str, Any], tabled: list[tuple[str, list[_Table]]]) -> str:
-    lines = ["# Batch run summary", "", *(f"- {line}" for line in _header_lines(summary))]
+    lines = ["# Batch run summary", "", *(f"- {line}" for line in header_lines(summary))]
     for group, tables in tabled:
         lines += ["", f"## {group}"]
         for table in tables:
@@ -446,8 +452,8 @@ def _render_markdown(summary: dict[str, Any], tabled: list[tuple[str, list[_Tabl
             if not table.rows:
                 lines.append("_none_")
                 continue
-            cells = [[_cell(v, c.kind).replace("|", "\\|") for v, c in zip(row, table.columns)] for row in table.rows]
-            right = [_right(c, col) for c, col in zip(table.columns, zip(*cells))]
+            cells = [[cell(v, c.kind).replace("|", "\\|") for v, c in zip(row, table.columns)] for row in table.rows]
+            right = [right_aligned(c, col) for c, col in zip(table.columns, zip(*cells))]
             lines.append("| " + " | ".join(c.name for c in table.columns) + " |")
             lines.append("|" + "|".join("---:" if r else "---" for r in right) + "|")
             lines += ["| " + " | ".join(row) + " |" for row in cells]
