@@ -117,9 +117,10 @@ class JobRun:
 
     def __init__(self, job: JobConfig, *, base_url: str | None = None, prices: PriceTable | None = None,
                  setup: JobSetup | None = None) -> None:
-        self.job = job
         self.base_url = base_url
         self.setup = setup or open_job(job, prices)
+        self.job = self.setup.job  # as sent: with [output.schema], its prompt and response_format (structured.py)
+        self.structured = self.setup.structured
         self.manifest = self.setup.manifest
         self.renderer = self.setup.renderer
         self.store = self.setup.store

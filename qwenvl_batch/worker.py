@@ -23,7 +23,7 @@ from .policy import Action, Decision, PartialResponseError, classify
 from .pricing import row_cost
 from .progress import Progress
 from .prompt import RenderedRow, build_messages
-from .results import local_image_bytes
+from .results import add_costs, local_image_bytes
 from .retrying import Abandoned, RetryAdapter, interruptible_sleep
 from .store import ResultWriter
 
@@ -113,6 +113,9 @@ class RowWorker:
         latency_s = time.monotonic() - started
         if completion is not None:
             self.limiter.settle(estimate, completion.total_tokens)
+            if self.run.structured is not None:  # [output.schema]: validate, re-ask at most repair_attempts times
+                return await self._structured_row(row, rendered, images, messages, completion, attempts, started,
+                                                  billed, (estimate, prompt_estimate))
             result = self.rows.ok(row, completion, attempts, latency_s, billed)
             return self._check_images(result, rendered, images, completion)
         if failure is None:
@@ -128,6 +131,45 @@ class RowWorker:
         attempts += decision.proxy_retries
         return self.rows.error(row, decision.error_type, decision.code, message, attempts=attempts,
                                latency_s=latency_s, billed=billed)
+
+    async def _structured_row(self, row: dict[str, Any], rendered: RenderedRow, images: list[PreparedImage],
+                              messages: list[dict[str, Any]], completion: Completion, attempts: int, started: float,
+                              billed: list[dict[str, Any]], estimates: tuple[int, int]) -> dict[str, Any] | None:
+        """An answer checked against the job's schema; an invalid one is re-asked with the problem stated, at most
+        ``repair_attempts`` times (each re-ask billed and counted). Still invalid: an error row (``parse``) that
+        keeps the raw answer, its tokens and every attempt's cost."""
+        structured = self.run.structured
+        assert structured is not None
+        estimate, prompt_estimate = estimates
+        answers = [completion]
+        checked = structured.check(completion.content, completion.finish_reason)
+        first_billed, repair_failed = len(billed), None
+        while not checked.ok and len(answers) <= structured.repair_attempts and not self.run.stopping:
+            assert checked.error is not None
+            again = structured.repair_messages(messages, completion.content, checked.error)
+            repaired, sent, failure = await self._send(again, estimate, self.worst_case_cost(prompt_estimate), billed,
+                                                       prompt_estimate=prompt_estimate)
+            attempts += sent
+            if repaired is None:
+                repair_failed = classify(failure).message if failure is not None else "the run is stopping"
+                break
+            self.limiter.settle(estimate, repaired.total_tokens)
+            completion = repaired
+            answers.append(repaired)
+            checked = structured.check(completion.content, completion.finish_reason)
+        result = self.rows.ok(row, completion, attempts, time.monotonic() - started, billed)
+        result.update(structured.columns(checked), repairs=len(answers) - 1 + (repair_failed is not None),
+                      repair_cost=add_costs(billed[first_billed:]).get("cost") if len(billed) > first_billed else None)
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens", "reasoning_tokens"):
+            values = [getattr(a, name) for a in answers]
+            result[name] = sum(values) if None not in values else result[name]
+        if not checked.ok:
+            message = f"the answer {'still ' if len(answers) > 1 else ''}does not fit the schema: {checked.error}"
+            if repair_failed:
+                message += f"; the repair request failed: {repair_failed}"
+            result.update(status="error", error_type="parse", error_code=checked.code, error_message=message)
+            return result
+        return self._check_images(result, rendered, images, completion)
 
     async def _send(self, messages: list[dict[str, Any]], estimate: int, worst_cost: float,
                     billed: list[dict[str, Any]], *,

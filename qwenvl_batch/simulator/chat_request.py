@@ -60,6 +60,7 @@ class ChatRequest:
     max_tokens: int | None
     thinking: bool
     thinking_budget: int | None
+    json_request: Any = None  # structured.JsonRequest: the request wants JSON (response_format or a schema)
 
     @property
     def full_text(self) -> str:
