@@ -4,7 +4,8 @@ repaired, and the typed columns it becomes.
 Modes (``mode = "auto"`` picks per endpoint and model; next-phase-facts.md §4):
 
 * ``json_schema``: ``response_format = {"type": "json_schema", ...}`` — servers with grammar-constrained decoding
-  (vLLM, SGLang, OpenAI, LiteLLM in front of them): every endpoint that is not Model Studio.
+  (vLLM, SGLang, OpenAI, LiteLLM in front of them): an endpoint that is not Model Studio, serving a model that is
+  not named like a Model Studio model (a proxy in front of Model Studio follows Model Studio's rules).
 * ``json_object``: ``response_format = {"type": "json_object"}`` plus the schema in the prompt — Model Studio's
   Qwen3-VL and Qwen-VL-Max/Plus families. The word "JSON" is always in the prompt (Model Studio refuses
   ``json_object`` without it). Refused with thinking on (Model Studio: "Json mode response is not supported when
@@ -239,12 +240,18 @@ def load_schema(job: JobConfig) -> AnswerSchema:
         raise schemas.config_error(f"{job_file} [output.schema] model = {config.model!r}", exc) from None
 
 
+MODEL_STUDIO_NAMES = ("qwen3-vl", "qwen-vl-", "qwen2.5-vl-", "qvq", "qwen3.5")
+
+
 def model_studio(job: JobConfig) -> bool:
-    """Whether the endpoint is Model Studio (a region, or a dashscope / aliyuncs host) and so follows its rules."""
+    """Whether Model Studio's rules apply: its endpoint (a region, or a dashscope / aliyuncs host), or one of its
+    model names behind another URL (a LiteLLM proxy in front of Model Studio, the simulator). A Hugging Face name
+    (``Qwen/Qwen2.5-VL-7B-Instruct``) is a self-hosted server."""
     if job.model.base_url is None:
         return True
     host = (urlparse(job.model.base_url).hostname or "").lower()
-    return "dashscope" in host or host.endswith("aliyuncs.com")
+    name = job.model.name.lower()
+    return "dashscope" in host or host.endswith("aliyuncs.com") or name.startswith(MODEL_STUDIO_NAMES)
 
 
 def has_json_mode(model: str) -> bool:
@@ -258,7 +265,7 @@ def auto_mode(job: JobConfig) -> tuple[str, str]:
     """``mode = "auto"``: the strongest mode this endpoint and model accept, and why."""
     model = job.model
     if not model_studio(job):
-        return "json_schema", "an OpenAI-compatible server (vLLM, SGLang, OpenAI, LiteLLM) with json_schema"
+        return "json_schema", "a self-hosted OpenAI-compatible server (vLLM, SGLang) with json_schema"
     if is_stream_only(model.name) or model.extra_body.get("enable_thinking"):
         return "prompt", f"{model.name} thinks, and Model Studio refuses JSON mode with thinking"
     if has_json_mode(model.name):

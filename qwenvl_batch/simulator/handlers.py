@@ -170,6 +170,8 @@ async def prepare(
     body = await read_json(request)
     trace.model = body.get("model") if isinstance(body.get("model"), str) else None
     trace.stream = body.get("stream") is True
+    response_format = body.get("response_format")
+    trace.response_format = response_format.get("type") if isinstance(response_format, dict) else None
     chat = with_json_request(parse_chat_request(body, state), body, state.persona.name)
     trace.text, trace.n_images = chat.full_text, len(chat.images)
     trace.image_types = tuple(_image_type(ref.url) for ref in chat.images)
