@@ -4,11 +4,11 @@ the simulator, bounded repair and its cost, refusals before sending, and resume 
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-import urllib.error
-import urllib.request
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
