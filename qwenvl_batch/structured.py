@@ -97,6 +97,13 @@ class Structured:
             return "Answer in JSON, following the response format's schema."
         return JSON_PROMPT + json.dumps(self.schema.root.json_schema(), ensure_ascii=False)
 
+    def repair_prompt_tokens(self, max_tokens: int | None) -> int:
+        """Extra prompt tokens of a re-ask at most: the note, the error and the quoted answer (≤ 2,000 chars)."""
+        from .tokens import text_tokens
+
+        quoted = min(max_tokens or REPAIR_QUOTE_CHARS, REPAIR_QUOTE_CHARS)  # a token is at least one character
+        return text_tokens(REPAIR_PROMPT) + 100 + quoted
+
     def response_format(self) -> dict[str, Any] | None:
         if self.mode == "json_object":
             return {"type": "json_object"}
@@ -286,3 +293,68 @@ def sending_job(job: JobConfig, structured: Structured | None) -> JobConfig:
         extra["response_format"] = response_format
     return job.model_copy(update={"prompt": job.prompt.model_copy(update={"user": user}),
                                   "model": job.model.model_copy(update={"extra_body": extra})})
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+def summarize_answers(df: Any) -> dict[str, Any] | None:
+    """For ``report``: each answer field's fill rate (non-null share of all rows), parse errors by code, and how
+    many re-asks were sent and what they cost (per currency). None for an output without ``[output.schema]``."""
+    fields = [c for c in df.columns if str(c).startswith(ANSWER_PREFIX)]
+    if not fields:
+        return None
+    rows = len(df)
+    fill = {c[len(ANSWER_PREFIX):]: (float(df[c].notna().sum()) / rows if rows else None) for c in fields}
+    parse = df[df["error_type"] == "parse"] if "error_type" in df.columns else df.iloc[0:0]
+    repairs = df["repairs"].fillna(0) if "repairs" in df.columns else None
+    repair_cost: dict[str, float] = {}
+    if "repair_cost" in df.columns and "currency" in df.columns:
+        for currency, part in df[df["repair_cost"].notna()].groupby("currency"):
+            repair_cost[str(currency)] = round(float(part["repair_cost"].sum()), 6)
+    return {
+        "fill_rate": fill,
+        "parse_errors": int(len(parse)),
+        "parse_error_codes": {str(k): int(v) for k, v in parse["error_code"].fillna("?").value_counts().items()}
+        if len(parse) else {},
+        "rows_repaired": int((repairs > 0).sum()) if repairs is not None else 0,
+        "repairs": int(repairs.sum()) if repairs is not None else 0,
+        "repair_cost": repair_cost,
+    }
+
+
+def answer_lines(summary: dict[str, Any]) -> list[str]:
+    """The structured-output part of a report, a few lines."""
+    fill = ", ".join(f"{name} {rate:.0%}" if rate is not None else f"{name} n/a"
+                     for name, rate in summary["fill_rate"].items())
+    lines = [f"Answer fields filled (share of all rows): {fill}"]
+    codes = ", ".join(f"{k}={v:,}" for k, v in summary["parse_error_codes"].items())
+    lines.append(f"Parse errors (never valid, raw answer kept in 'response'): {summary['parse_errors']:,}"
+                 + (f" ({codes})" if codes else ""))
+    cost = ", ".join(f"{v:.4f} {k}" for k, v in summary["repair_cost"].items()) or "none"
+    lines.append(f"Repairs (re-asks after an invalid answer, each billed): {summary['repairs']:,} on "
+                 f"{summary['rows_repaired']:,} row(s), costing {cost} (included in the totals)")
+    return lines
+
+
+@dataclass
+class RepairTally:
+    """What this run's re-asks added up to, for the end-of-run summary (repairs cost money: it says so)."""
+
+    repairs: int = 0
+    rows_repaired: int = 0
+    cost: float = 0.0
+    parse_errors: int = 0
+
+    def add(self, result: dict[str, Any]) -> None:
+        if result.get("repairs"):
+            self.repairs += int(result["repairs"])
+            self.rows_repaired += 1
+            self.cost += float(result.get("repair_cost") or 0.0)
+        if result.get("error_type") == "parse":
+            self.parse_errors += 1
+
+    def line(self, structured: Structured, currency: str | None) -> str:
+        text = (f"structured output ({structured.mode}): {self.parse_errors:,} row(s) never valid (error_type "
+                f"'parse', raw answer kept); {self.repairs:,} repair request(s) on {self.rows_repaired:,} row(s)")
+        if currency:
+            text += f", costing {self.cost:.4f} {currency} (included in the cost above)"
+        return text

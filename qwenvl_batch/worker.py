@@ -141,6 +141,7 @@ class RowWorker:
         structured = self.run.structured
         assert structured is not None
         estimate, prompt_estimate = estimates
+        prompt_estimate += structured.repair_prompt_tokens(self.job.model.max_tokens)  # a re-ask quotes the answer
         answers = [completion]
         checked = structured.check(completion.content, completion.finish_reason)
         first_billed, repair_failed = len(billed), None
@@ -313,6 +314,7 @@ class RowWorker:
     def record(self, result: dict[str, Any]) -> None:
         """Hand the row to the writer (durable within milliseconds) and update the live counters."""
         self.writer.put(result)
+        self.run.repair_tally.add(result)
         if result.get("usage_source") == "estimate":
             self.run.usage_estimated_rows += 1
         if result.get("warning"):

@@ -13,14 +13,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import image_rows, write_manifest
 
 from qwenvl_batch import ConfigError, run_job
 from qwenvl_batch.answer_schema import SchemaError, from_fields, from_json_schema
 from qwenvl_batch.config import job_from_dict
 from qwenvl_batch.simulator import SimulatorConfig, SimulatorThread
 from qwenvl_batch.structured import auto_mode, extract_json, resolve
-
-from conftest import image_rows, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = {"caption": "string", "tags": ["string"], "safety": "safe | questionable | unsafe", "quality": "integer"}
@@ -375,3 +374,25 @@ def test_shipped_jobs_run_with_simulate(tmp_path: Path, name: str, mode_column: 
     assert summary.errors == 0 and summary.ok == summary.rows > 0
     out = pd.read_parquet(tmp_path / "out.parquet")
     assert out[mode_column].notna().all()
+
+
+def test_readme_structured_output_snippet_runs(tmp_path: Path) -> None:
+    """The README's 'Structured output' python block runs as written after jobs/ocr-invoice.toml ran."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Structured output", 1)[1].split("\n## ", 1)[0]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S)
+    assert snippet is not None
+    (tmp_path / "jobs").mkdir()
+    for name in ("ocr-invoice.toml", "invoice.schema.json"):
+        shutil.copy(REPO / "jobs" / name, tmp_path / "jobs" / name)
+    (tmp_path / "sample_data").symlink_to(REPO / "sample_data")
+    run_job(tmp_path / "jobs" / "ocr-invoice.toml", simulate=True, progress="off")
+    done = subprocess.run([sys.executable, "-c", snippet.group(1)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "doc-0001" in done.stdout and "description" in done.stdout
