@@ -396,3 +396,39 @@ def test_readme_structured_output_snippet_runs(tmp_path: Path) -> None:
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert "doc-0001" in done.stdout and "description" in done.stdout
+
+
+def test_thinking_model_in_prompt_mode_streams_a_valid_answer(tmp_path: Path, sim, make_job) -> None:
+    """auto with thinking on picks prompt mode: streamed, no response_format, reasoning kept, answer validated."""
+    job = schema_job(make_job, tmp_path, image_rows(tmp_path, 2), schema={"mode": "auto"},
+                     model={"name": "qwen3-vl-plus", "extra_body": {"enable_thinking": True}})
+    summary = run_job(job)
+    assert summary.ok == 2
+    assert {r["response_format"] for r in sim.requests} == {None} and all(r["stream"] for r in sim.requests)
+    out = pd.read_parquet(job.output.path)
+    assert out["reasoning"].notna().all() and out["answer.caption"].notna().all()
+
+
+def test_rerun_of_a_finished_structured_job_sends_nothing(tmp_path: Path, sim, make_job) -> None:
+    """The same job and schema run again skips every row: the schema's fingerprint is stable."""
+    job = schema_job(make_job, tmp_path, image_rows(tmp_path, 4))
+    run_job(job)
+    sent = len(sim.requests)
+    summary = run_job(schema_job(make_job, tmp_path, image_rows(tmp_path, 4)))
+    assert summary.skipped_ok == 4 and summary.to_do == 0 and len(sim.requests) == sent
+
+
+def test_estimate_counts_the_schema_prompt_and_the_repair_worst_case(tmp_path: Path, sim, make_job) -> None:
+    """estimate: the schema instruction's tokens are in the prompt tokens, and the worst case includes re-asks."""
+    from qwenvl_batch.estimate import estimate_job
+
+    rows = image_rows(tmp_path, 3)
+    plain = estimate_job(make_job(write_manifest(tmp_path / "m.csv", rows), model={"max_tokens": 300}))
+    job = schema_job(make_job, tmp_path, rows, model={"max_tokens": 300})
+    structured = estimate_job(job)
+    assert structured.prompt_tokens_total > plain.prompt_tokens_total + 3 * 50
+    assert structured.repair_attempts == 1
+    assert structured.cost_high is not None and structured.cost_high_with_repairs is not None
+    assert structured.cost_high_with_repairs > 2 * structured.cost_high * 0.99
+    summary = run_job(job)
+    assert summary.prompt_tokens == structured.prompt_tokens_total  # the estimate counted what was sent

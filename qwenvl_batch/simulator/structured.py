@@ -23,7 +23,7 @@ from typing import Any
 
 from ..answer_schema import Node, SchemaError, from_fields, from_json_schema
 from ..structured import has_json_mode
-from .answers import count_words, image_tag, request_digest
+from .answers import count_words, image_tag, reasoning_text, request_digest
 from .chat_request import Answer, ChatRequest, MeasuredImage
 from .config import _INVALID_PARAM, KNOWN_MODELS, _bad_request
 from .state import SimulatorState
@@ -124,7 +124,8 @@ def json_answer(chat: ChatRequest, images: list[MeasuredImage], state: Simulator
     tokens, finish = count_words(content), "stop"
     if chat.max_tokens is not None and chat.max_tokens < tokens:  # cut like any answer: the JSON breaks
         content, tokens, finish = content[: max(1, len(content) * chat.max_tokens // tokens)], chat.max_tokens, "length"
-    return Answer(content, None, finish, tokens, 0)
+    reasoning = reasoning_text(chat, digest) if chat.thinking else None  # a thinking model thinks first
+    return Answer(content, reasoning, finish, tokens, count_words(reasoning) if reasoning else 0)
 
 
 def _due_fault(chat: ChatRequest, tag: str, state: SimulatorState) -> str | None:
