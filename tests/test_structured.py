@@ -432,3 +432,27 @@ def test_estimate_counts_the_schema_prompt_and_the_repair_worst_case(tmp_path: P
     assert structured.cost_high_with_repairs > 2 * structured.cost_high * 0.99
     summary = run_job(job)
     assert summary.prompt_tokens == structured.prompt_tokens_total  # the estimate counted what was sent
+
+
+def test_spend_cap_counts_repairs_and_keeps_the_paid_row(tmp_path: Path, sim, make_job) -> None:
+    """A re-ask that could exceed max_cost is not sent: the run stops, and the row already paid for is recorded
+    (parse error, its cost kept) so the spend in the output matches what was billed."""
+    from qwenvl_batch import JobError
+    from qwenvl_batch.estimate import estimate_job
+    from qwenvl_batch.pricing import row_cost
+
+    rows = marker_rows(tmp_path, ["[[sim:badjson]]"])
+    probe = schema_job(make_job, tmp_path, rows, prompt={"user": "Describe row {id}. {note}"},
+                       model={"max_tokens": 300})
+    prompt = estimate_job(probe).prompt_tokens_max
+    price = probe.price_table().lookup("qwen3-vl-flash", None)
+    assert price is not None
+    first_worst = row_cost(price, prompt_tokens=prompt, completion_tokens=300).cost
+    job = schema_job(make_job, tmp_path, rows, prompt={"user": "Describe row {id}. {note}"},
+                     model={"max_tokens": 300}, limits={"max_cost": first_worst * 1.01})
+    with pytest.raises(JobError, match="Spend cap reached"):
+        run_job(job)
+    assert len(sim.requests) == 1  # the re-ask was never sent
+    row = pd.read_parquet(job.output.path).iloc[0]
+    assert row["error_type"] == "parse" and row["repairs"] == 0 and row["cost"] > 0
+    assert "the repair request failed: Spend cap reached" in row["error_message"]
