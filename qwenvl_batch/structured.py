@@ -353,7 +353,8 @@ class RepairTally:
             self.parse_errors += 1
 
     def line(self, structured: Structured, currency: str | None) -> str:
-        text = (f"structured output ({structured.mode}): {self.parse_errors:,} row(s) never valid (error_type "
+        text = (f"structured output (mode {structured.mode}: {structured.reason}): {self.parse_errors:,} row(s) "
+                "never valid (error_type "
                 f"'parse', raw answer kept); {self.repairs:,} repair request(s) on {self.rows_repaired:,} row(s)")
         if currency:
             text += f", costing {self.cost:.4f} {currency} (included in the cost above)"

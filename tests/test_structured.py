@@ -225,6 +225,8 @@ def test_repair_fixes_invalid_json_and_costs_both_attempts(tmp_path: Path, sim, 
     assert len(repair) == 2 and "could not be used: invalid JSON" in repair[1]["text"]
     assert fixed["prompt_tokens"] == sum(r["prompt_tokens"] for r in repair)  # both attempts' tokens
     assert summary.cost == pytest.approx(out["cost"].sum())
+    line = next(line for line in summary.lines() if line.startswith("structured output"))
+    assert "1 repair request(s) on 1 row(s), costing" in line and "(included in the cost above)" in line
 
 
 def test_still_invalid_after_repair_is_a_parse_error_that_keeps_the_answer(tmp_path: Path, sim, make_job) -> None:
