@@ -458,3 +458,22 @@ def test_spend_cap_counts_repairs_and_keeps_the_paid_row(tmp_path: Path, sim, ma
     row = pd.read_parquet(job.output.path).iloc[0]
     assert row["error_type"] == "parse" and row["repairs"] == 0 and row["cost"] > 0
     assert "the repair request failed: Spend cap reached" in row["error_message"]
+
+
+def test_report_shows_fill_rates_parse_errors_and_repair_cost(tmp_path: Path, sim, make_job) -> None:
+    """report: each answer field's fill rate, parse errors by code, and the re-asks with their cost."""
+    from qwenvl_batch import load_results
+    from qwenvl_batch.report import render, summarize
+
+    rows = marker_rows(tmp_path, ["[[sim:badjson]]", "[[sim:badschema:1]]", "plain", "plain"])
+    job = schema_job(make_job, tmp_path, rows, prompt={"user": "Describe row {id}. {note}"})
+    run_job(job)
+    summary = summarize(load_results(job.output.path))
+    structured = summary["structured"]
+    assert structured["fill_rate"]["caption"] == 0.75  # 3 valid rows of 4
+    assert structured["parse_errors"] == 1 and structured["parse_error_codes"] == {"invalid_json": 1}
+    assert structured["repairs"] == 2 and structured["rows_repaired"] == 2
+    assert structured["repair_cost"]["USD"] > 0
+    text = render(summary, "text")
+    assert "Answer fields filled (share of all rows): caption 75%" in text
+    assert "Repairs (re-asks after an invalid answer, each billed): 2 on 2 row(s)" in text
