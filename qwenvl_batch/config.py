@@ -65,10 +65,31 @@ class InputConfig(_Section):
         return value
 
 
+class SchemaConfig(_Section):
+    """``[output.schema]``: answers as typed columns (structured.py). Exactly one of file / fields / model."""
+
+    file: Path | None = None
+    fields: dict[str, Any] | None = None
+    model: str | None = None
+    mode: Literal["auto", "json_schema", "json_object", "prompt"] = "auto"
+    repair_attempts: int = Field(default=1, ge=0, le=3)  # bounded: a re-ask loop on bad JSON is a cost trap
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SchemaConfig:
+        given = [name for name in ("file", "fields", "model") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of file, fields or model" + (f" (got {', '.join(given)})"
+                                                                             if given else ""))
+        return self
+
+
 class OutputConfig(_Section):
     """Where results go: a Parquet dataset folder (see store.py for the layout)."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     path: Path
+    answer_schema: SchemaConfig | None = Field(default=None, alias="schema")
 
 
 class ModelConfig(_Section):
@@ -309,10 +330,14 @@ def _resolve_paths(job: JobConfig, base_dir: Path, cwd_paths: set[str]) -> JobCo
         return (Path.cwd() / path) if from_cli else (base_dir / path)
 
     prices = job.pricing.file
+    schema = job.output.answer_schema
+    if schema is not None and schema.file is not None:  # always beside the job file, like its other paths
+        schema = schema.model_copy(update={"file": resolve(schema.file, False)})
     return job.model_copy(
         update={
             "input": job.input.model_copy(update={"path": resolve(job.input.path, "input" in cwd_paths)}),
-            "output": job.output.model_copy(update={"path": resolve(job.output.path, "output" in cwd_paths)}),
+            "output": job.output.model_copy(update={"path": resolve(job.output.path, "output" in cwd_paths),
+                                                    "answer_schema": schema}),
             "pricing": job.pricing.model_copy(
                 update={"file": resolve(prices, "prices" in cwd_paths) if prices else None}),
         }

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -138,6 +138,8 @@ class Estimate:
     assumed_latency_s: float
     images_from_urls: int
     rows_with_url_images: int
+    repair_attempts: int = 0  # [output.schema]: re-asks allowed per row (each billed)
+    cost_high_with_repairs: float | None = None  # worst case: every row re-asked repair_attempts times
 
     def to_dict(self) -> dict[str, object]:
         """Plain dicts, lists, numbers and strings (``json.dumps`` takes it as is)."""
@@ -316,7 +318,20 @@ def estimate_job(
         assumed_latency_s=assumed_latency_s,
         images_from_urls=tally.unmeasured_images,
         rows_with_url_images=tally.rows_with_unmeasured,
+        **_repair_worst_case(planned[0], prompt, typical, max_tokens, costs.high),
     )
+
+
+def _repair_worst_case(setup: JobSetup, prompt: np.ndarray, typical: int, max_tokens: int | None,
+                       high: float | None) -> dict[str, Any]:
+    """[output.schema]: each re-ask re-sends the prompt plus the quoted bad answer and gets another answer; the
+    worst case is every row re-asked ``repair_attempts`` times at max_tokens (structured.py)."""
+    structured = setup.structured
+    if structured is None or not structured.repair_attempts:
+        return {}
+    repair = _Costs.of(setup.price, prompt + structured.repair_prompt_tokens(max_tokens), typical, max_tokens)
+    worst = high + structured.repair_attempts * repair.high if high is not None and repair.high is not None else None
+    return {"repair_attempts": structured.repair_attempts, "cost_high_with_repairs": worst}
 
 
 def _typical_completion(max_tokens: int | None, given: int | None) -> int:
@@ -487,6 +502,11 @@ def _cost_line(estimate: Estimate) -> str:
     line += f" (prices as of {estimate.price_as_of}, {estimate.price_source}; no cache discount assumed)"
     if estimate.unpriced_rows:
         line += f"; {estimate.unpriced_rows:,} row(s) above the last priced tier are not included"
+    if estimate.repair_attempts:
+        worst = (f"{estimate.cost_high_with_repairs:,.4f} {currency}" if estimate.cost_high_with_repairs is not None
+                 else "no upper bound")
+        line += (f"; up to {worst} if every answer is invalid and re-asked {estimate.repair_attempts} time(s) "
+                 "([output.schema] repair_attempts: each re-ask is billed)")
     return line
 
 

@@ -65,6 +65,9 @@ def _hint(error_type: str, code: str | None) -> str:
         return "the account's limits against [limits] requests_per_minute / tokens_per_minute, and its quota"
     if error_type in ("connection", "timeout"):
         return "that the server is up and reachable at [model] base_url, and its load"
+    if error_type == "parse":
+        return ("[output.schema] against what the model can answer (the rows' response column shows its answers; "
+                "README 'Structured output')")
     if error_type == "client":
         return "the server's answers against what an OpenAI-compatible server sends (please report this error)"
     return "the server's health and its log"

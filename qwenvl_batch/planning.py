@@ -30,6 +30,7 @@ from .manifest import (
 from .pricing import ModelPrice, PriceTable
 from .prompt import RowRenderer
 from .store import OutputStore, ResumeIndex, output_schema
+from .structured import Structured, resolve, sending_job
 
 
 @dataclass
@@ -59,6 +60,7 @@ class JobSetup:
     store: OutputStore
     price: ModelPrice | None
     image_columns: list[str] = field(default_factory=list)
+    structured: Structured | None = None  # [output.schema]; ``job`` is then the job as sent (structured.py)
 
 
 def open_job(job: JobConfig, prices: PriceTable | None = None, *, sending: bool = True) -> JobSetup:
@@ -66,10 +68,13 @@ def open_job(job: JobConfig, prices: PriceTable | None = None, *, sending: bool 
 
     ``sending=False`` (estimate) skips the API key and spend-cap checks: nothing will be sent.
     """
+    structured = resolve(job)  # a schema that cannot be used, or a mode the model refuses: refused here
+    job = sending_job(job, structured)
     manifest = open_manifest(job.input.path, job.input.format)
     require_columns(manifest, job.input.id_column, job.input.image_columns)
     renderer = RowRenderer(job, manifest.columns, job.input.path.resolve().parent)
-    store = OutputStore(job.output.path, output_schema(manifest.schema), job.input.id_column,
+    answer_fields = structured.answer_fields() if structured else []
+    store = OutputStore(job.output.path, output_schema(manifest.schema, answer_fields), job.input.id_column,
                         simulated=job.run.simulate)
     store.check_writable()
     price = (prices or job.price_table()).lookup(job.model.name, job.model.region)
@@ -82,7 +87,7 @@ def open_job(job: JobConfig, prices: PriceTable | None = None, *, sending: bool 
             )
     check_cap_currency(job, price)  # a cap stated in another currency than the price's: refused
     image_columns = [c for c in job.input.image_columns if c in manifest.columns]
-    return JobSetup(job, manifest, renderer, store, price, image_columns)
+    return JobSetup(job, manifest, renderer, store, price, image_columns, structured)
 
 
 def plan_rows(job: JobConfig, manifest: Manifest, renderer: RowRenderer, index: ResumeIndex) -> Plan:

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError
+from .structured import answer_lines, summarize_answers
 
 __all__ = ["OUTPUT_COLUMNS", "cell", "grouped_tables", "header_lines", "render", "right_aligned", "summarize"]
 
@@ -76,6 +77,7 @@ def summarize(df: pd.DataFrame, *, by: str | None = None) -> dict[str, Any]:
         "simulated_rows": int(df["simulated"].fillna(False).astype(bool).sum()) if "simulated" in df.columns else 0,
         "overall": _section(df),
         "groups": groups,
+        "structured": summarize_answers(df),  # [output.schema]: fill rates, parse errors, repairs (structured.py)
     }
 
 
@@ -417,6 +419,8 @@ def header_lines(summary: dict[str, Any]) -> list[str]:
     unpriced = summary["overall"]["cost"]["unpriced"]
     if unpriced:
         lines.append("No price for: " + ", ".join(u["model"] for u in unpriced) + " (their rows are not in the totals)")
+    if summary.get("structured"):
+        lines += answer_lines(summary["structured"])
     return lines
 
 

@@ -44,6 +44,7 @@ from .progress import Counters, Progress
 from .prompt import PromptTokens, fingerprint_hex
 from .results import ResultRows
 from .store import ResultWriter, WriterFailed
+from .structured import RepairTally
 from .worker import Item, RowWorker
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class RunSummary:
     retried_errors: int = 0
     usage_estimated: int = 0  # rows whose server reported no usage (tokens and cost are the runner's estimate)
     warnings: dict[str, int] = field(default_factory=dict)
+    structured: str | None = None  # [output.schema]: parse errors, repairs and their cost
 
     def lines(self) -> list[str]:
         """The end-of-run summary, a few lines a person reads."""
@@ -95,6 +97,8 @@ class RunSummary:
             out.append(f"cost this run: {self.cost:.4f} {self.currency or ''}".rstrip())
         elif self.unpriced_model:
             out.append(f"cost: no price known for model {self.unpriced_model!r} (see README 'Cost')")
+        if self.structured:
+            out.append(self.structured)
         if self.usage_estimated:
             out.append(f"usage not reported for {self.usage_estimated:,} rows: their tokens and cost are the "
                        "runner's estimate (usage_source = 'estimate')")
@@ -117,9 +121,11 @@ class JobRun:
 
     def __init__(self, job: JobConfig, *, base_url: str | None = None, prices: PriceTable | None = None,
                  setup: JobSetup | None = None) -> None:
-        self.job = job
         self.base_url = base_url
         self.setup = setup or open_job(job, prices)
+        self.job = self.setup.job  # as sent: with [output.schema], its prompt and response_format (structured.py)
+        self.structured = self.setup.structured
+        self.repair_tally = RepairTally()
         self.manifest = self.setup.manifest
         self.renderer = self.setup.renderer
         self.store = self.setup.store
@@ -376,6 +382,8 @@ class JobRun:
             retried_errors=plan.retried_errors,
             usage_estimated=self.usage_estimated_rows,
             warnings=dict(self.warning_counts),
+            structured=self.repair_tally.line(self.structured, self.price.currency if self.price else None)
+            if self.structured else None,
         )
 
 

@@ -56,6 +56,7 @@ from .currency import add_spend
 from .errors import ConfigError, JobError
 from .manifest import hash_ids, id_strings
 from .prompt import fingerprints_of
+from .structured import is_answer_column
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +101,21 @@ _PART = re.compile(r"^part-(\d{6,})\.parquet$")
 _SEGMENT = re.compile(r"^seg-(\d{6,})\.arrows$")
 
 
-def output_schema(manifest_schema: pa.Schema) -> pa.Schema:
-    """Manifest columns first (all of them, as typed in the manifest), then the result columns."""
-    clash = sorted(set(manifest_schema.names) & set(RESULT_COLUMNS))
+def output_schema(manifest_schema: pa.Schema, answer_fields: Iterable[pa.Field] = ()) -> pa.Schema:
+    """Manifest columns first (all of them, as typed in the manifest), then the result columns, then the
+    structured answer's columns when the job has ``[output.schema]`` (structured.py)."""
+    answer = list(answer_fields)
+    clash = sorted(set(manifest_schema.names) & (set(RESULT_COLUMNS) | {f.name for f in answer}))
+    clash += sorted(n for n in manifest_schema.names if is_answer_column(n) and n not in clash)
     if clash:
         raise ConfigError(
             f"The manifest has column(s) {', '.join(clash)} that the output adds itself; rename them in the manifest"
         )
-    return pa.schema(list(manifest_schema) + RESULT_FIELDS)
+    return pa.schema(list(manifest_schema) + RESULT_FIELDS + answer)
+
+
+def _is_result(name: str) -> bool:
+    return name in RESULT_COLUMNS or is_answer_column(name)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -355,9 +363,10 @@ class OutputStore:
 
     def _write_meta(self) -> None:
         old = self.read_meta()
-        manifest_columns = [n for n in self.schema.names if n not in RESULT_COLUMNS]
+        manifest_columns = [n for n in self.schema.names if not _is_result(n)]
         meta = {"schema_version": SCHEMA_VERSION, "id_column": self.id_column,
                 "manifest_columns": manifest_columns, "result_columns": RESULT_COLUMNS,
+                "answer_columns": [n for n in self.schema.names if is_answer_column(n)],
                 "created_by": old.get("created_by", f"qwenvl-batch {__version__}"),
                 "created_at": old.get("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
                 "updated_by": f"qwenvl-batch {__version__}"}
@@ -370,8 +379,8 @@ class OutputStore:
             return
         existing = _read_part_schema(parts[-1][1])
         old_results = [n for n in existing.names if n in RESULT_COLUMNS or n not in self.schema.names]
-        old_manifest = [n for n in existing.names if n not in RESULT_COLUMNS]
-        new_manifest = [n for n in self.schema.names if n not in RESULT_COLUMNS]
+        old_manifest = [n for n in existing.names if not _is_result(n)]
+        new_manifest = [n for n in self.schema.names if not _is_result(n)]
         if old_manifest != new_manifest:
             added = sorted(set(new_manifest) - set(old_manifest))
             removed = sorted(set(old_manifest) - set(new_manifest))
@@ -387,12 +396,30 @@ class OutputStore:
                 "values are never rewritten to another type (ids like 001 would become 1). Give the manifest its "
                 "original types (e.g. the same file format), or use a new [output] path"
             )
-        unknown = sorted(set(old_results) - set(RESULT_COLUMNS))
+        self._check_answer_columns(existing)
+        unknown = sorted(set(old_results) - set(RESULT_COLUMNS) - {n for n in existing.names if is_answer_column(n)})
         if unknown:
             raise ConfigError(f"Output {self.path} has result columns this version does not know ({unknown}); it was "
                               "written by a newer qwenvl-batch: upgrade to resume it")
         if existing.names != self.schema.names or any(_part_schema_version(p) < SCHEMA_VERSION for _, p in parts):
             self._upgrade_parts(parts)
+
+    def _check_answer_columns(self, existing: pa.Schema) -> None:
+        """The structured answer's columns ([output.schema]) may grow (old rows get nulls); a field removed, or
+        given another type, is refused: the output's columns would no longer describe its rows."""
+        old = {f.name: f.type for f in existing if is_answer_column(f.name)}
+        new = {f.name: f.type for f in self.schema if is_answer_column(f.name)}
+        if not old or old.items() <= new.items():
+            return
+        removed = sorted(set(old) - set(new))
+        retyped = sorted(n for n in set(old) & set(new) if old[n] != new[n])
+        what = "the job has no [output.schema] now" if not new else (
+            f"removed: {removed or 'none'}; changed type: "
+            f"{', '.join(f'{n} {old[n]} -> {new[n]}' for n in retyped) or 'none'}")
+        raise ConfigError(
+            f"The output schema ([output.schema]) changed since {self.path} was started ({what}). Nothing was sent. "
+            "Use a new [output] path (--output PATH), or restore the schema; adding fields is fine"
+        )
 
     def _upgrade_parts(self, parts: list[tuple[int, Path]]) -> None:
         """Rewrite parts of an earlier version with this version's columns (new ones null), one at a time."""

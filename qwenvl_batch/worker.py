@@ -23,7 +23,7 @@ from .policy import Action, Decision, PartialResponseError, classify
 from .pricing import row_cost
 from .progress import Progress
 from .prompt import RenderedRow, build_messages
-from .results import local_image_bytes
+from .results import add_costs, local_image_bytes
 from .retrying import Abandoned, RetryAdapter, interruptible_sleep
 from .store import ResultWriter
 
@@ -37,6 +37,7 @@ EXPECTED_COMPLETION_TOKENS = 256  # rate-limiter guess when max_tokens is unset;
 WORST_CASE_COMPLETION_TOKENS = 8192  # spend-cap worst case when max_tokens is unset (Qwen-VL's usual max output)
 WORST_CASE_THINKING_TOKENS = 32768  # thinking is not bounded by max_tokens; thinking_budget bounds it when set
 
+PAID_ROW = "paid_row"  # set on a JobError raised after the row was paid for: the row to record before stopping
 Item = tuple[dict[str, Any], str]  # a manifest row to do and its fingerprint (hex)
 
 
@@ -66,6 +67,10 @@ class RowWorker:
             try:
                 result = await self.process(row)
             except JobError as exc:
+                paid = getattr(exc, PAID_ROW, None)  # a row paid for before the stop (structured re-ask)
+                if paid is not None:
+                    paid["fingerprint"] = fingerprint
+                    self.record(paid)
                 self.run.stop(exc)
                 return
             if result is not None:
@@ -113,6 +118,9 @@ class RowWorker:
         latency_s = time.monotonic() - started
         if completion is not None:
             self.limiter.settle(estimate, completion.total_tokens, completion.headers)
+            if self.run.structured is not None:  # [output.schema]: validate, re-ask at most repair_attempts times
+                return await self._structured_row(row, rendered, images, messages, completion, attempts, started,
+                                                  billed, (estimate, prompt_estimate))
             result = self.rows.ok(row, completion, attempts, latency_s, billed)
             return self._check_images(result, rendered, images, completion)
         if failure is None:
@@ -130,6 +138,56 @@ class RowWorker:
         attempts += decision.proxy_retries
         return self.rows.error(row, decision.error_type, decision.code, message, attempts=attempts,
                                latency_s=latency_s, billed=billed)
+
+    async def _structured_row(self, row: dict[str, Any], rendered: RenderedRow, images: list[PreparedImage],
+                              messages: list[dict[str, Any]], completion: Completion, attempts: int, started: float,
+                              billed: list[dict[str, Any]], estimates: tuple[int, int]) -> dict[str, Any] | None:
+        """An answer checked against the job's schema; an invalid one is re-asked with the problem stated, at most
+        ``repair_attempts`` times (each re-ask billed and counted). Still invalid: an error row (``parse``) that
+        keeps the raw answer, its tokens and every attempt's cost. A job-level stop during a re-ask (the spend
+        cap) records the row first: its first answer was paid for."""
+        structured = self.run.structured
+        assert structured is not None
+        estimate, prompt_estimate = estimates
+        prompt_estimate += structured.repair_prompt_tokens(self.job.model.max_tokens)  # a re-ask quotes the answer
+        answers, repairs, first_billed = [completion], 0, len(billed)
+        checked = structured.check(completion.content, completion.finish_reason)
+        repair_failed: str | None = None
+        stop: JobError | None = None
+        while not checked.ok and repairs < structured.repair_attempts and not self.run.stopping:
+            assert checked.error is not None
+            again = structured.repair_messages(messages, completion.content, checked.error)
+            try:
+                repaired, sent, failure = await self._send(again, estimate, self.worst_case_cost(prompt_estimate),
+                                                           billed, prompt_estimate=prompt_estimate)
+            except JobError as exc:
+                repair_failed, stop = str(exc), exc
+                break
+            attempts += sent
+            repairs += sent > 0
+            if repaired is None:
+                repair_failed = classify(failure).message if failure is not None else "the run is stopping"
+                break
+            self.limiter.settle(estimate, repaired.total_tokens)
+            completion = repaired
+            answers.append(repaired)
+            checked = structured.check(completion.content, completion.finish_reason)
+        result = self.rows.ok(row, completion, attempts, time.monotonic() - started, billed)
+        result.update(structured.columns(checked), repairs=repairs,
+                      repair_cost=add_costs(billed[first_billed:]).get("cost") if len(billed) > first_billed else None)
+        for name in ("prompt_tokens", "completion_tokens", "total_tokens", "reasoning_tokens"):
+            values = [getattr(a, name) for a in answers]
+            result[name] = sum(values) if None not in values else result[name]
+        if checked.ok:
+            return self._check_images(result, rendered, images, completion)
+        message = f"the answer {'still ' if len(answers) > 1 else ''}does not fit the schema: {checked.error}"
+        if repair_failed:
+            message += f"; the repair request failed: {repair_failed}"
+        result.update(status="error", error_type="parse", error_code=checked.code, error_message=message)
+        if stop is not None:
+            setattr(stop, PAID_ROW, result)  # loop() records it with its fingerprint, then stops the run
+            raise stop
+        return result
 
     async def _send(self, messages: list[dict[str, Any]], estimate: int, worst_cost: float,
                     billed: list[dict[str, Any]], *,
@@ -272,6 +330,7 @@ class RowWorker:
     def record(self, result: dict[str, Any]) -> None:
         """Hand the row to the writer (durable within milliseconds) and update the live counters."""
         self.writer.put(result)
+        self.run.repair_tally.add(result)
         if result.get("usage_source") == "estimate":
             self.run.usage_estimated_rows += 1
         if result.get("warning"):

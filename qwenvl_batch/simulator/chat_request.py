@@ -60,6 +60,7 @@ class ChatRequest:
     max_tokens: int | None
     thinking: bool
     thinking_budget: int | None
+    json_request: Any = None  # structured.JsonRequest: the request wants JSON (response_format or a schema)
 
     @property
     def full_text(self) -> str:
@@ -110,6 +111,7 @@ class Trace:
     image_types: tuple[str, ...] = ()  # the MIME type of each data-URL image ("url" for a URL), in order
     prompt_tokens: int | None = None
     completion_tokens: int = 0
+    response_format: str | None = None  # the response_format type asked for (json_object, json_schema)
 
     def entry(self, outcome: str, status: int | None, code: str | None) -> dict[str, Any]:
         """The JSON-able log entry."""
@@ -126,6 +128,7 @@ class Trace:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "request_id": self.request_id,
+            "response_format": self.response_format,
             "duration_s": round(time.monotonic() - self.started, 6),
         }
 

@@ -56,6 +56,7 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 FAULT_KINDS = (
     "500", "503", "429", "drop", "hang", "truncate", "partial", "moderation",
     "badparam", "timeout_media", "toolong", "garbage", "arrears", "auth", "validation", "stream_error",
+    "badjson", "fenced", "badschema",  # JSON answers only (simulator/structured.py)
 )  # fmt: skip
 _MARKER = re.compile(r"\[\[sim:([A-Za-z0-9_]+)(?::(\d+))?\]\]")
 _WORD = re.compile(r"\S+")

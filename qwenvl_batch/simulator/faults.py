@@ -22,6 +22,8 @@ def marker_fault(request: ChatRequest, state: SimulatorState) -> str | None:
     """
     text = request.full_text
     for kind, limit in parse_markers(text):
+        if kind in ("badjson", "fenced", "badschema"):  # answer faults: simulator/structured.py applies them
+            continue
         key = (kind, text)
         if limit is None or state.marker_counts[key] < limit:
             state.marker_counts[key] += 1

@@ -52,6 +52,7 @@ from .images import count_prompt, measure_image
 from .personas import IMAGE_NOT_SUPPORTED, validation_error
 from .ratelimit import _rate_limit_error
 from .state import REQUEST_ID_KEY, STATE_KEY, SimulatorState
+from .structured import json_answer, with_json_request
 
 # Handlers
 # --------------------------------------------------------------------------------------------------------
@@ -169,7 +170,9 @@ async def prepare(
     body = await read_json(request)
     trace.model = body.get("model") if isinstance(body.get("model"), str) else None
     trace.stream = body.get("stream") is True
-    chat = parse_chat_request(body, state)
+    response_format = body.get("response_format")
+    trace.response_format = response_format.get("type") if isinstance(response_format, dict) else None
+    chat = with_json_request(parse_chat_request(body, state), body, state.persona.name)
     trace.text, trace.n_images = chat.full_text, len(chat.images)
     trace.image_types = tuple(_image_type(ref.url) for ref in chat.images)
     parse_markers(chat.full_text)  # refuse unknown marker kinds before any work
@@ -192,7 +195,7 @@ async def handle_chat(request: web.Request) -> web.StreamResponse:
     request[REQUEST_ID_KEY] = trace.request_id
     try:
         chat, images, usage = await prepare(request, state, trace)
-        answer = build_answer(chat, images)
+        answer = json_answer(chat, images, state) or build_answer(chat, images)
         await admit(chat, answer, usage, state)
         kind = marker_fault(chat, state) or random_fault(state)
         response = await apply_fault(kind, request, chat, answer, usage, trace, state) if kind else None
