@@ -153,7 +153,7 @@ def estimate_rows(job: JobConfig) -> Iterator[RowEstimate]:
     """
     manifest = open_manifest(job.input.path, job.input.format)
     require_columns(manifest, job.input.id_column, job.input.image_columns)
-    renderer = RowRenderer(job, manifest.columns, job.input.path.resolve().parent)
+    renderer = RowRenderer(job, manifest.columns, manifest.root)  # issue 11: folder inputs resolve in the folder
     counter = _TokenCounter(job)
     with ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="qwenvl-probe") as pool:
         prober = _Prober(pool, job.resize_policy())

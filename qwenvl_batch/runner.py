@@ -38,7 +38,7 @@ from .config import JobConfig, is_stream_only
 from .errors import ConfigError, InputRowError, Interrupted, JobError, SpendCapReached
 from .limits import ByteBudget, Limiter, SpendMeter
 from .manifest import IdTracker, Manifest, id_strings, limited_batches, open_manifest, require_columns
-from .media import PreparedImage, ResizePolicy, prepare_image, redact_data_url
+from .media import PreparedImage, ResizePolicy, prepare_image, redact_cell, stored_schema
 from .policy import Action, Decision, PartialResponseError, backoff_s, classify
 from .pricing import ModelPrice, PriceTable, row_cost
 from .progress import Counters, Progress
@@ -182,8 +182,9 @@ class JobRun:
         self.base_url = base_url
         self.manifest = open_manifest(job.input.path, job.input.format)
         require_columns(self.manifest, job.input.id_column, job.input.image_columns)
-        self.renderer = RowRenderer(job, self.manifest.columns, job.input.path.resolve().parent)
-        self.store = OutputStore(job.output.path, output_schema(self.manifest.schema), job.input.id_column)
+        self.renderer = RowRenderer(job, self.manifest.columns, self.manifest.root)  # issue 11: folder inputs
+        stored = stored_schema(self.manifest.schema, job.input.image_columns)  # issue 11: bytes cells stored as text
+        self.store = OutputStore(job.output.path, output_schema(stored), job.input.id_column)
         self.price: ModelPrice | None = (prices or job.price_table()).lookup(job.model.name, job.model.region)
         if job.limits.max_cost is not None and self.price is None:
             raise ConfigError(
@@ -613,9 +614,9 @@ def _local_image_bytes(rendered: RenderedRow) -> int:
     """What a row's local images will take in memory once read and base64-encoded (4/3 of the file size)."""
     total = 0
     for ref in rendered.images:
-        if ref.path is not None:
+        if ref.path is not None or ref.blob is not None:  # issue 11: bytes in the manifest or a tar member too
             with contextlib.suppress(OSError):  # a missing file is reported by prepare_image, not here
-                total += ref.path.stat().st_size * 4 // 3
+                total += ref.source.size() * 4 // 3
     return total
 
 
@@ -624,12 +625,8 @@ def _prepare_all(rendered: RenderedRow, resize: ResizePolicy) -> list[PreparedIm
 
 
 def _redact(value: Any) -> Any:
-    """Output files never hold base64 image data: data URLs become a short description with a hash."""
-    if isinstance(value, str):
-        return redact_data_url(value) if value.startswith("data:") else value
-    if isinstance(value, list):
-        return [_redact(v) for v in value]
-    return value
+    """Output files never hold image bytes: data URLs and bytes cells become a short reference with a hash."""
+    return redact_cell(value)  # issue 11: media/redact.py handles str, lists, bytes and image structs
 
 
 def _decision(state: RetryCallState) -> Decision:
