@@ -85,7 +85,7 @@ def detect_format(path: Path) -> str:
     text = str(path)
     if not has_pattern(text) and path.is_dir():
         return "images"
-    name = path.name.lower()
+    name = Path(expand_braces(text)[0]).name.lower()  # a brace list or range: its first member tells
     if name.endswith(TAR_SUFFIXES):
         return "webdataset"
     suffix = Path(name).suffix
