@@ -129,11 +129,27 @@ def _hashable(column: pa.Array) -> dict[str, np.ndarray]:
     Bytes cells (HF ``struct<bytes, path>``, binary columns) hash the bytes themselves, and tar members their
     path and sha256, so editing one image changes that row's fingerprint and no other.
     """
+    if (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) and (
+            pa.types.is_struct(column.type.value_type) or pa.types.is_binary(column.type.value_type)):
+        return {"": np.array([_list_identity(cell) for cell in column.to_pylist()], dtype=object)}
     if pa.types.is_struct(column.type):
         fields = [column.type.field(i).name for i in range(column.type.num_fields)]
         kept = [f for f in ("path", "sha256", "bytes", "error") if f in fields]
         return {f".{name}": _hashable_leaf(column.field(name)) for name in kept}
     return {"": _hashable_leaf(column)}
+
+
+def _list_identity(cell: list[Any] | None) -> bytes:
+    """A list of image structs or bytes (HF ``Sequence(Image())``) as one byte string to hash; rare, so per row."""
+    if cell is None:
+        return b"\x00null"
+    parts = []
+    for item in cell:
+        if isinstance(item, dict):
+            item = b"\x1e".join(str(item.get(k)).encode() if k != "bytes" else (item.get(k) or b"")
+                                 for k in ("path", "sha256", "bytes", "error"))
+        parts.append(item or b"")
+    return b"\x1f".join(parts)
 
 
 def _hashable_leaf(column: pa.Array) -> np.ndarray:

@@ -38,7 +38,7 @@ from .config import JobConfig, is_stream_only
 from .errors import ConfigError, InputRowError, Interrupted, JobError, SpendCapReached
 from .limits import ByteBudget, Limiter, SpendMeter
 from .manifest import IdTracker, Manifest, id_strings, limited_batches, open_manifest, require_columns
-from .media import PreparedImage, ResizePolicy, prepare_image, redact_cell, stored_schema
+from .media import PreparedImage, ResizePolicy, prepare_image, redact_cell, redacted_columns, stored_schema
 from .policy import Action, Decision, PartialResponseError, backoff_s, classify
 from .pricing import ModelPrice, PriceTable, row_cost
 from .progress import Counters, Progress
@@ -183,7 +183,9 @@ class JobRun:
         self.manifest = open_manifest(job.input.path, job.input.format)
         require_columns(self.manifest, job.input.id_column, job.input.image_columns)
         self.renderer = RowRenderer(job, self.manifest.columns, self.manifest.root)  # issue 11: folder inputs
-        stored = stored_schema(self.manifest.schema, job.input.image_columns)  # issue 11: bytes cells stored as text
+        # issue 11: image columns and any column carrying bytes are stored as short text references
+        self._image_columns = redacted_columns(self.manifest.schema, job.input.image_columns)
+        stored = stored_schema(self.manifest.schema, self._image_columns)
         self.store = OutputStore(job.output.path, output_schema(stored), job.input.id_column)
         self.price: ModelPrice | None = (prices or job.price_table()).lookup(job.model.name, job.model.region)
         if job.limits.max_cost is not None and self.price is None:
@@ -195,7 +197,6 @@ class JobRun:
         self._stop_reason: BaseException | None = None
         self._stop_event: asyncio.Event | None = None
         self._hard_stop = False
-        self._image_columns = [c for c in job.input.image_columns if c in self.manifest.columns]
         self.resize = job.resize_policy()
         self.prompt_tokens = PromptTokens(job)
         # Decoding and resizing a 24 MP scan takes ~100 MB for a moment: a few at a time, not one per worker.

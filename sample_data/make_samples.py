@@ -35,8 +35,8 @@ import csv
 import hashlib
 import io
 import json
-import tarfile
 import random
+import tarfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path

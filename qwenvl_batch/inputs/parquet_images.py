@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from qwenvl_batch.errors import ConfigError
 
-TARGET_BATCH_BYTES = 32 * 1024 * 1024
+TARGET_BATCH_BYTES = 8 * 1024 * 1024
 MIN_BATCH_ROWS = 16
 IMG2DATASET_IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp")
 RENAMED = {"status": "source_status", "error_message": "source_error_message"}
@@ -125,8 +125,11 @@ def read_files(paths: Sequence[Path], layout: Layout, batch_rows: int,
     source_columns = None if columns is None else _source_columns(columns, layout)
     for path in paths:
         position = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=min(batch_rows, layout.batch_rows),
-                                                       columns=source_columns):
+        # pre_buffer=False: with pyarrow's default (True) iter_batches keeps every column chunk it has read
+        # buffered until the file is closed, so memory grew with the file (measured: +115 MB over 12,000 rows of
+        # 14 KB images); without it memory stays at about one row group.
+        reader = pq.ParquetFile(path, pre_buffer=False)
+        for batch in reader.iter_batches(batch_size=min(batch_rows, layout.batch_rows), columns=source_columns):
             shown = present(batch, layout, path, position)
             position += batch.num_rows
             yield shown.select(columns) if columns is not None else shown

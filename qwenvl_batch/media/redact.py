@@ -96,12 +96,13 @@ def stored_type(column_type: pa.DataType) -> pa.DataType:
     """The output type of an image column: anything that can carry bytes is stored as text (or a list of text)."""
     if pa.types.is_list(column_type) or pa.types.is_large_list(column_type):
         inner = column_type.value_type
-        return pa.list_(pa.string()) if _carries_bytes(inner) else column_type
-    return pa.string() if _carries_bytes(column_type) else column_type
+        return pa.list_(pa.string()) if _carries_bytes(inner) or pa.types.is_struct(inner) else column_type
+    return pa.string() if _carries_bytes(column_type) or pa.types.is_struct(column_type) else column_type
 
 
 def stored_schema(schema: pa.Schema, image_columns: Any) -> pa.Schema:
-    """The manifest schema with image columns that carry bytes retyped as text (see :func:`redact_cell`)."""
+    """The manifest schema with the columns to redact retyped as text (see :func:`redact_cell`); pass
+    :func:`redacted_columns`."""
     for name in image_columns:
         index = schema.get_field_index(name)
         if index >= 0:
@@ -109,6 +110,18 @@ def stored_schema(schema: pa.Schema, image_columns: Any) -> pa.Schema:
     return schema
 
 
+def redacted_columns(schema: pa.Schema, image_columns: Any) -> list[str]:
+    """The columns the output must redact: the image columns, and any other column that carries bytes (a second
+    HF image column the prompt does not use, say), so the output never holds image bytes whatever is captioned."""
+    images = [name for name in image_columns if name in schema.names]
+    return images + [f.name for f in schema if f.name not in images and _carries_bytes(f.type)]
+
+
 def _carries_bytes(column_type: pa.DataType) -> bool:
+    """Binary, a struct with a binary field (an HF image), or a list of those."""
+    if pa.types.is_list(column_type) or pa.types.is_large_list(column_type):
+        return _carries_bytes(column_type.value_type)
+    if pa.types.is_struct(column_type):
+        return any(_carries_bytes(column_type.field(i).type) for i in range(column_type.num_fields))
     return (pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
-            or pa.types.is_fixed_size_binary(column_type) or pa.types.is_struct(column_type))
+            or pa.types.is_fixed_size_binary(column_type))
