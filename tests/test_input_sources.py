@@ -424,3 +424,27 @@ def test_a_bytes_column_not_captioned_is_not_copied_to_the_output(tmp_path: Path
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "m.parquet")
     out = pd.read_parquet(run_job(make_job(tmp_path / "m.parquet")).output)
     assert out["thumb"].iloc[0].startswith("<bytes sha256:") and out["status"].iloc[0] == "ok"
+
+
+def test_compressed_shards_with_dot_slash_names_work(tmp_path: Path, sim, make_job) -> None:
+    """A .tar.gz made with ``tar -C folder .`` (``./`` names) streams; its image bytes travel in the row."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz") as archive:
+        for key, members in [wds_sample(0, "k0"), wds_sample(1, "k1")]:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"./{key}.{ext}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    (tmp_path / "s.tar.gz").write_bytes(raw.getvalue())
+    out = pd.read_parquet(run_job(make_job(tmp_path / "s.tar.gz")).output)
+    check_tags(out, {"s/k0": jpeg(0), "s/k1": jpeg(1)})
+    assert out.set_index("id").loc["s/k1", "image"].startswith("s.tar.gz/k1.jpg <bytes sha256:")
+
+
+def test_a_shard_not_in_sample_order_stops_before_sending(tmp_path: Path, sim, make_job) -> None:
+    """Members of one key split apart (a tar in directory order) stop the job with the fix; nothing is sent."""
+    a, b = wds_sample(0, "k0"), wds_sample(1, "k1")
+    write_shard(tmp_path / "s.tar", [("k0", {"jpg": a[1]["jpg"]}), ("k1", b[1]), ("k0", {"txt": a[1]["txt"]})])
+    with pytest.raises(ConfigError, match=r"members of sample 'k0' are not next to each other.*--sort=name"):
+        run_job(make_job(tmp_path / "s.tar"))
+    assert sim.requests == []

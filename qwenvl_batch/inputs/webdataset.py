@@ -17,7 +17,8 @@ Read with the standard library's ``tarfile`` in streaming mode (``r|*``): one pa
 shards too (their members are carried as bytes, since an offset into a compressed stream cannot be seeked).
 Every image member is hashed as it streams past, so a row's fingerprint follows its image's content. A sample
 without an image, and a shard that ends mid-member (truncated), become rows with an ``error`` in the image
-cell: input errors, never sent, never a crash.
+cell: input errors, never sent, never a crash. A shard whose samples' members are not together (a tar made from
+a folder in directory order) cannot be streamed: that stops the job before anything is sent, saying how to fix it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
+from qwenvl_batch.errors import ConfigError
 
 from .patterns import IMAGE_SUFFIXES
 
@@ -112,6 +115,7 @@ def _samples(shard: Path) -> Iterator[Sample]:
     """Group a shard's members by key; a read failure ends the shard with an error on the sample it hit."""
     compressed = _is_compressed(shard)
     current: Sample | None = None
+    seen: set[str] = set()  # keys of this shard: a key coming back means the tar is not in sample order
     try:
         with tarfile.open(shard, "r|*") as archive:
             for info in archive:
@@ -121,7 +125,11 @@ def _samples(shard: Path) -> Iterator[Sample]:
                 if current is not None and key != current.key:
                     yield current
                     current = None
-                current = current or Sample(key=key)
+                if current is None:
+                    if key in seen:
+                        raise ConfigError(_out_of_order(shard, key))
+                    seen.add(key)
+                    current = Sample(key=key)
                 current.members.append(info.name.rsplit("/", 1)[-1])
                 _add_member(current, archive, info, ext, shard, compressed)
     except (tarfile.TarError, EOFError, OSError) as exc:
@@ -142,7 +150,7 @@ def _add_member(sample: Sample, archive: tarfile.TarFile, info: tarfile.TarInfo,
     handle = archive.extractfile(info)
     data = handle.read() if handle is not None else b""
     if is_image:
-        member = f"{shard.name}/{info.name}"
+        member = f"{shard.name}/{_clean(info.name)}"
         if compressed:
             sample.image = {"path": member, "bytes": data}
         else:
@@ -159,11 +167,24 @@ def _add_member(sample: Sample, archive: tarfile.TarFile, info: tarfile.TarInfo,
             sample.meta = meta
 
 
+def _out_of_order(shard: Path, key: str) -> str:
+    return (f"{shard}: the members of sample {key!r} are not next to each other, so samples cannot be streamed "
+            "(WebDataset shards hold each sample's files together). Nothing was sent. Fix: re-create the shard in "
+            "name order, e.g. GNU tar: tar --sort=name -cf shard.tar -C folder .")
+
+
 def _split(name: str) -> tuple[str, str]:
-    """(key, extension): the key runs to the first dot after the last slash."""
-    folder, _, base = name.rpartition("/")
+    """(key, extension): the key runs to the first dot after the last slash (a leading ``./`` is dropped)."""
+    folder, _, base = _clean(name).rpartition("/")
     stem, _, ext = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _clean(name: str) -> str:
+    """A member name without the ``./`` that ``tar -C folder .`` puts in front."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name
 
 
 def _is_compressed(shard: Path) -> bool:
