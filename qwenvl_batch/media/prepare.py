@@ -22,7 +22,9 @@ from PIL import Image
 
 from .refs import ImageRef
 from .rules import (
+    _LARGE_OK_FORMATS,
     _SHORTEST_PREFIX,
+    SIDES_4K,
     SIDES_8K,
     _accepted_mime,
     _check_decodes,
@@ -38,7 +40,7 @@ from .rules import (
     _unreadable,
     _validate_data_url,
 )
-from .transcode import ResizePolicy, _Encoded, _original_is_smaller, _plan, _render
+from .transcode import ResizePolicy, _Encoded, _Plan, _plan, _render
 
 logger = logging.getLogger(__name__)
 
@@ -239,3 +241,18 @@ def _read_bytes(ref: ImageRef) -> bytes:
 def _head(ref: ImageRef) -> IO[bytes]:
     """A stream at the image's first byte, for header reads."""
     return ref.source.head()
+
+
+def _original_is_smaller(plan: _Plan, sent: _Encoded, data: bytes, image_format: str) -> bool:
+    """Send the file itself when re-encoding only made it bigger and nothing else required it.
+
+    Happens when the provider would shrink only a little (rounding to a multiple of ``factor``) and the file
+    was compressed harder than ``jpeg_quality``. The tokens are the same either way (the provider resizes the
+    original to the same size), so the bytes decide. Never when the image had to be turned upright, or when
+    the file's format is not accepted at its size (the re-encoding is what makes it acceptable).
+    """
+    if plan.orientation != 1 or len(sent.data) < len(data):
+        return False
+    width, height = plan.oriented_size
+    return image_format in _LARGE_OK_FORMATS or not _exceeds(width, height, SIDES_4K)
+

@@ -23,11 +23,8 @@ from qwenvl_batch import tokens
 from .refs import ImageRef
 from .rules import (
     _JPEG_FORMATS,
-    _LARGE_OK_FORMATS,
-    SIDES_4K,
     _check_decodes,
     _corrupt,
-    _exceeds,
     _open_image,
 )
 
@@ -352,18 +349,3 @@ def _matching_icc(im: Image.Image, icc_profile: bytes | None) -> bytes | None:
     if icc_profile and space is not None and icc_profile[16:20] == space:
         return icc_profile
     return None
-
-
-def _original_is_smaller(plan: _Plan, sent: _Encoded, data: bytes, image_format: str) -> bool:
-    """Send the file itself when re-encoding only made it bigger and nothing else required it.
-
-    Happens when the provider would shrink only a little (rounding to a multiple of ``factor``) and the file
-    was compressed harder than ``jpeg_quality``. The tokens are the same either way (the provider resizes the
-    original to the same size), so the bytes decide. Never when the image had to be turned upright, or when
-    the file's format is not accepted at its size (the re-encoding is what makes it acceptable).
-    """
-    if plan.orientation != 1 or len(sent.data) < len(data):
-        return False
-    width, height = plan.oriented_size
-    return image_format in _LARGE_OK_FORMATS or not _exceeds(width, height, SIDES_4K)
-
