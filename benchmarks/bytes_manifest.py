@@ -72,14 +72,16 @@ def bytes_manifest(path: Path, rows: int, data: list[bytes]) -> Path:
 
 
 def figures(name: str, rows: int, result: dict[str, Any]) -> str:
-    """One line: peak RSS, whole-run rows/s, and rows/s between the first request and the last answer."""
+    """One line: peak RSS, whole-run rows/s, rows/s between the first request and the last answer, and the runner's
+    CPU per row (the figure that does not depend on what else the shared cores are doing)."""
     summary = result.get("summary") or {}
     wall = result["run_end"] - result["run_start"]
     steady_s = (result.get("last_answer") or 0) - (result.get("first_send") or 0)
     steady = result.get("sends", 0) / steady_s if steady_s > 0 else 0.0
     return (f"{name:<22} rows {rows:>8,}  ok {summary.get('ok', 0):>8,}  peak RSS {result['peak_rss_mb']:6.0f} MB "
             f"(after imports {result['rss_before_run_mb']:4.0f} MB)  {rows / wall:6.0f} rows/s whole run, "
-            f"{steady:6.0f} rows/s sending  error: {result['error']}")
+            f"{steady:6.0f} rows/s sending, runner CPU {1000 * result['cpu_run_s'] / max(rows, 1):.2f} ms/row  "
+            f"error: {result['error']}")
 
 
 def main() -> int:
