@@ -50,7 +50,15 @@ class InputConfig(_Section):
     path: Path
     id_column: str = "id"
     image_columns: tuple[str, ...] = ("image",)
-    format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"
+    format: Literal["auto", "csv", "parquet", "jsonl", "webdataset", "wds", "images", "folder"] = "auto"
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _list_as_braces(cls, value: Any) -> Any:
+        """A list of files (tar shards, Parquet files) travels as one brace pattern: see inputs/patterns.py."""
+        from .inputs.patterns import list_as_pattern
+
+        return list_as_pattern(value) if isinstance(value, (list, tuple)) else value
 
     @field_validator("image_columns", mode="before")
     @classmethod

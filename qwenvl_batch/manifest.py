@@ -1,4 +1,10 @@
-"""CSV / Parquet / JSONL manifests → streamed record batches.
+"""Manifests → streamed record batches: CSV / Parquet / JSONL files, and datasets used as they come.
+
+Besides a table of references, ``[input] path`` may name a dataset that carries its images: Hugging Face or
+img2dataset Parquet (:mod:`.inputs.parquet_images`), WebDataset tar shards (:mod:`.inputs.webdataset`), or a
+folder or glob of image files (:mod:`.inputs.folder`). The format is told from the path (a folder, a glob, a
+``.tar``, a suffix) and from the Parquet schema, or forced with ``[input] format``; several files are named with
+a brace pattern, a glob or a list (:mod:`.inputs.patterns`).
 
 A manifest may hold 10^7 rows, so it is never loaded whole: every reader yields ``pyarrow.RecordBatch``es of a
 few thousand rows, and the runner reads the file twice (a cheap pass over the ids to check them and plan the
@@ -11,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +25,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
-import pyarrow.parquet as pq
 
 from .errors import ConfigError
+from .inputs import folder, parquet_images, patterns, webdataset
 
 BATCH_ROWS = 4096
-_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+FORMAT_ALIASES = {"wds": "webdataset", "folder": "images"}
 
 
 @dataclass(frozen=True)
@@ -34,15 +40,27 @@ class Manifest:
     path: Path
     format: str
     schema: pa.Schema
+    paths: tuple[Path, ...] = ()
+    """The files behind ``path`` when it is a pattern or a list (tar shards, Parquet files); else ``(path,)``."""
+    base_dir: Path | None = None
+    """What relative image paths in the rows resolve against: the manifest's folder, or the image folder."""
+    batch_rows: int = BATCH_ROWS
+    """Rows per batch by default: fewer when the rows carry image bytes, so a batch stays ~32 MB."""
+    layout: parquet_images.Layout | None = field(default=None, repr=False)
 
     @property
     def columns(self) -> list[str]:
         return list(self.schema.names)
 
-    def batches(self, batch_rows: int = BATCH_ROWS, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    @property
+    def root(self) -> Path:
+        """``base_dir``, or the manifest file's folder."""
+        return self.base_dir or self.path.resolve().parent
+
+    def batches(self, batch_rows: int | None = None, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         """Yield the manifest in order, as record batches of at most ``batch_rows`` rows."""
         try:
-            yield from _READERS[self.format](self, batch_rows, columns)
+            yield from _READERS[self.format](self, batch_rows or self.batch_rows, columns)
         except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError) as exc:
             where = _locate_bad_line(self)
             detail = str(exc).splitlines()[0][:300]
@@ -95,20 +113,50 @@ def _bad_jsonl_line(path: Path) -> str:
 
 def open_manifest(path: Path, fmt: str = "auto") -> Manifest:
     """Open a manifest and read its schema (not its rows); errors name the file and the fix."""
-    if not path.exists():
+    fmt = FORMAT_ALIASES.get(fmt, fmt)
+    pattern = patterns.has_pattern(str(path))
+    if not pattern and not path.exists():
         raise ConfigError(f"Manifest not found: {path} (set [input] path in the job file, relative to the job file)")
     if fmt == "auto":
-        fmt = _SUFFIXES.get(path.suffix.lower(), "")
+        fmt = patterns.detect_format(path)
         if not fmt:
             raise ConfigError(
-                f"{path}: cannot tell the manifest format from the suffix {path.suffix!r}; "
-                "use .csv, .parquet or .jsonl, or set [input] format"
+                f"{path}: cannot tell the input format from the suffix {path.suffix!r}; use .csv, .parquet, .jsonl "
+                "or .tar, a folder of images, or set [input] format (csv, parquet, jsonl, webdataset, images)"
             )
+    if fmt == "images":
+        root = folder.root_of(path)
+        if not root.is_dir():
+            raise ConfigError(f"{path}: {root} is not a folder; point [input] path at a folder of images or a glob")
+        return Manifest(path=path, format=fmt, schema=folder.SCHEMA, paths=(path,), base_dir=root.resolve())
+    files = tuple(patterns.expand_files(path)) if pattern else (path,)
+    if len(files) > 1 and fmt in ("csv", "jsonl"):
+        raise ConfigError(f"{path}: names {len(files)} {fmt.upper()} files; a job reads one {fmt.upper()} manifest "
+                          "(several files work for Parquet and tar shards)")
     try:
-        schema = _SCHEMAS[fmt](path)
+        return _open_files(path, fmt, files)
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError, csv.Error) as exc:
         raise ConfigError(f"{path}: cannot read the {fmt.upper()} manifest: {exc}") from None
-    return Manifest(path=path, format=fmt, schema=schema)
+
+
+def _open_files(path: Path, fmt: str, files: tuple[Path, ...]) -> Manifest:
+    """The schema of one format, read from the files' headers or footers (a tar's first sample)."""
+    base_dir = files[0].resolve().parent
+    if fmt == "parquet":
+        layout = parquet_images.layout_of(files, BATCH_ROWS)
+        return Manifest(path=path, format=fmt, schema=layout.schema, paths=files, base_dir=base_dir,
+                        batch_rows=layout.batch_rows, layout=layout)
+    if fmt == "webdataset":
+        schema = webdataset.schema_of(files, _result_columns())
+        return Manifest(path=path, format=fmt, schema=schema, paths=files, base_dir=base_dir)
+    return Manifest(path=files[0], format=fmt, schema=_SCHEMAS[fmt](files[0]), paths=files, base_dir=base_dir)
+
+
+def _result_columns() -> frozenset[str]:
+    """The output's own columns, which a WebDataset JSON key must not shadow (imported late: store imports us)."""
+    from .store import RESULT_COLUMNS
+
+    return frozenset(RESULT_COLUMNS)
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -122,10 +170,6 @@ def _csv_header(path: Path) -> list[str]:
 
 def _csv_schema(path: Path) -> pa.Schema:
     return pa.schema([(name, pa.string()) for name in _csv_header(path)])
-
-
-def _parquet_schema(path: Path) -> pa.Schema:
-    return pq.ParquetFile(path).schema_arrow
 
 
 def _jsonl_schema(path: Path) -> pa.Schema:
@@ -149,7 +193,16 @@ def _read_csv(manifest: Manifest, batch_rows: int, columns: list[str] | None) ->
 
 
 def _read_parquet(manifest: Manifest, batch_rows: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
-    yield from pq.ParquetFile(manifest.path).iter_batches(batch_size=batch_rows, columns=columns)
+    assert manifest.layout is not None, "opened by open_manifest"
+    yield from parquet_images.read_files(manifest.paths, manifest.layout, batch_rows, columns)
+
+
+def _read_webdataset(manifest: Manifest, batch_rows: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    yield from webdataset.read_shards(manifest.paths, manifest.schema, _result_columns(), batch_rows, columns)
+
+
+def _read_images(manifest: Manifest, batch_rows: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    yield from folder.read_folder(manifest.path, batch_rows, columns)
 
 
 def _read_jsonl(manifest: Manifest, batch_rows: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
@@ -169,8 +222,9 @@ def _rebatch(reader: Iterator[pa.RecordBatch], batch_rows: int) -> Iterator[pa.R
             yield batch.slice(start, batch_rows)
 
 
-_SCHEMAS = {"csv": _csv_schema, "parquet": _parquet_schema, "jsonl": _jsonl_schema}
-_READERS = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl}
+_SCHEMAS = {"csv": _csv_schema, "jsonl": _jsonl_schema}
+_READERS = {"csv": _read_csv, "parquet": _read_parquet, "jsonl": _read_jsonl, "webdataset": _read_webdataset,
+            "images": _read_images}
 
 
 def require_columns(manifest: Manifest, id_column: str, image_columns: Sequence[str]) -> None:

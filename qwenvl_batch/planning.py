@@ -27,6 +27,7 @@ from .manifest import (
     open_manifest,
     require_columns,
 )
+from .media import redacted_columns, stored_schema
 from .pricing import ModelPrice, PriceTable
 from .prompt import RowRenderer
 from .store import OutputStore, ResumeIndex, output_schema
@@ -72,9 +73,12 @@ def open_job(job: JobConfig, prices: PriceTable | None = None, *, sending: bool 
     job = sending_job(job, structured)
     manifest = open_manifest(job.input.path, job.input.format)
     require_columns(manifest, job.input.id_column, job.input.image_columns)
-    renderer = RowRenderer(job, manifest.columns, job.input.path.resolve().parent)
+    renderer = RowRenderer(job, manifest.columns, manifest.root)  # a folder input resolves in the folder
     answer_fields = structured.answer_fields() if structured else []
-    store = OutputStore(job.output.path, output_schema(manifest.schema, answer_fields), job.input.id_column,
+    # image columns, and any column carrying bytes, are stored as short text references (never the bytes)
+    image_columns = redacted_columns(manifest.schema, job.input.image_columns)
+    stored = stored_schema(manifest.schema, image_columns)
+    store = OutputStore(job.output.path, output_schema(stored, answer_fields), job.input.id_column,
                         simulated=job.run.simulate)
     store.check_writable()
     price = (prices or job.price_table()).lookup(job.model.name, job.model.region)
@@ -86,7 +90,6 @@ def open_job(job: JobConfig, prices: PriceTable | None = None, *, sending: bool 
                 "capped; add its price with [pricing] file / --prices FILE (see README 'Cost')"
             )
     check_cap_currency(job, price)  # a cap stated in another currency than the price's: refused
-    image_columns = [c for c in job.input.image_columns if c in manifest.columns]
     return JobSetup(job, manifest, renderer, store, price, image_columns, structured)
 
 

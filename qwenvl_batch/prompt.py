@@ -75,7 +75,8 @@ class RowRenderer:
         self.job = job
         self.base_dir = base_dir
         self._check_columns(set(columns))
-        used = template_fields(job.prompt.system) | template_fields(job.prompt.user) | set(job.input.image_columns)
+        self._template_columns = sorted(template_fields(job.prompt.system) | template_fields(job.prompt.user))
+        used = set(self._template_columns) | set(job.input.image_columns)
         self._fingerprint_columns = sorted(used & set(columns))
         self._hash_key = hashlib.blake2b(_job_identity(job).encode(), digest_size=8).hexdigest()
 
@@ -92,7 +93,8 @@ class RowRenderer:
     def render(self, row: Mapping[str, Any]) -> RenderedRow:
         """Fill the templates and parse the image cells; an empty image cell is an input error, not an exception."""
         key = _cell_text(row[self.job.input.id_column])
-        values = {name: _cell_text(value) for name, value in row.items()}
+        # Only the columns the templates use: an image cell may hold megabytes of bytes, never worth a str().
+        values = {name: _cell_text(row.get(name)) for name in self._template_columns}
         system = self.job.prompt.system.format_map(values) if self.job.prompt.system else None
         user = self.job.prompt.user.format_map(values)
         refs: list[ImageRef] = []
@@ -113,11 +115,47 @@ class RowRenderer:
         """One 64-bit fingerprint per row of ``batch`` (uint64), from the job's settings and the used columns."""
         if batch.num_rows == 0:
             return np.empty(0, dtype=np.uint64)
-        frame = pd.DataFrame({name: _as_text(batch.column(name)) for name in self._fingerprint_columns})
+        frame = pd.DataFrame({f"{name}{part}": values for name in self._fingerprint_columns
+                              for part, values in _hashable(batch.column(name)).items()})
         if frame.empty:
             frame = pd.DataFrame({"_": np.zeros(batch.num_rows, dtype=np.uint8)})
         hashed = pd.util.hash_pandas_object(frame, index=False, hash_key=self._hash_key, categorize=False)
         return hashed.to_numpy(dtype=np.uint64)
+
+
+def _hashable(column: pa.Array) -> dict[str, np.ndarray]:
+    """A column as arrays pandas can hash: text as text; image bytes and image structs by their identity.
+
+    Bytes cells (HF ``struct<bytes, path>``, binary columns) hash the bytes themselves, and tar members their
+    path and sha256, so editing one image changes that row's fingerprint and no other.
+    """
+    if (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) and (
+            pa.types.is_struct(column.type.value_type) or pa.types.is_binary(column.type.value_type)):
+        return {"": np.array([_list_identity(cell) for cell in column.to_pylist()], dtype=object)}
+    if pa.types.is_struct(column.type):
+        fields = [column.type.field(i).name for i in range(column.type.num_fields)]
+        kept = [f for f in ("path", "sha256", "bytes", "error") if f in fields]
+        return {f".{name}": _hashable_leaf(column.field(name)) for name in kept}
+    return {"": _hashable_leaf(column)}
+
+
+def _list_identity(cell: list[Any] | None) -> bytes:
+    """A list of image structs or bytes (HF ``Sequence(Image())``) as one byte string to hash; rare, so per row."""
+    if cell is None:
+        return b"\x00null"
+    parts = []
+    for item in cell:
+        if isinstance(item, dict):
+            item = b"\x1e".join(str(item.get(k)).encode() if k != "bytes" else (item.get(k) or b"")
+                                 for k in ("path", "sha256", "bytes", "error"))
+        parts.append(item or b"")
+    return b"\x1f".join(parts)
+
+
+def _hashable_leaf(column: pa.Array) -> np.ndarray:
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        return column.fill_null(b"\x00null").to_numpy(zero_copy_only=False)
+    return _as_text(column)
 
 
 def _as_text(column: pa.Array) -> np.ndarray:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .client import Completion
-from .media import redact_data_url
+from .media import redact_cell
 from .pricing import ModelPrice, row_cost
 from .prompt import RenderedRow
 
@@ -96,19 +96,15 @@ def add_costs(costs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def redact(value: Any) -> Any:
-    """Output files never hold base64 image data: data URLs become a short description with a hash."""
-    if isinstance(value, str):
-        return redact_data_url(value) if value.startswith("data:") else value
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
+    """Output files never hold image bytes: data URLs and bytes cells become a short reference with a hash."""
+    return redact_cell(value)
 
 
 def local_image_bytes(rendered: RenderedRow) -> int:
     """What a row's local images will take in memory once read and base64-encoded (4/3 of the file size)."""
     total = 0
     for ref in rendered.images:
-        if ref.path is not None:
+        if ref.path is not None or ref.blob is not None:  # a file, bytes in the manifest, or a tar member
             with contextlib.suppress(OSError):  # a missing file is reported by prepare_image, not here
-                total += ref.path.stat().st_size * 4 // 3
+                total += ref.source.size() * 4 // 3
     return total

@@ -17,13 +17,26 @@ Outputs (paths in manifests are relative to the manifest's folder):
 * ``captions.csv`` / ``captions.parquet`` / ``captions.jsonl``: ``id, image, source, hint``.
 * ``pairs.jsonl``: ``id, images`` (a list of 2 paths), ``hint``; for multi-image prompts.
 * ``documents.csv`` / ``documents.parquet``: ``doc_id, scan, archive, expected_text``.
+* Datasets that carry their images, made from small (≤ 320 px) JPEG copies of the photos, so they stay small:
+
+  * ``hf/train-00000-of-00001.parquet``: a Hugging Face ``datasets``-style image Parquet: ``image``
+    (``struct<bytes: binary, path: string>``), ``caption``, ``source``, and the ``huggingface`` schema metadata
+    naming ``image`` an ``Image`` feature (no id column, like most HF datasets);
+  * ``img2dataset/00000.parquet``: img2dataset's ``output_format=parquet``: ``key, url, caption, status,
+    error_message, width, height, original_width, original_height, sha256, jpg``, with one failed download
+    (``status="failed_to_download"``, ``jpg`` null);
+  * ``wds/00000.tar`` and ``wds/00001.tar``: img2dataset's ``output_format=webdataset`` shards of 4 samples
+    each, ``{key}.jpg``, ``{key}.txt`` (the caption) and ``{key}.json`` (its metadata).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import random
+import tarfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -790,6 +803,93 @@ def write_jsonl(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+# ================================================================================================ datasets
+
+DATASET_SIDE = 320
+"""Long side of the photo copies the dataset samples carry (small files; still several image-token sizes)."""
+
+
+def small_jpeg(path: Path) -> tuple[bytes, int, int, int, int]:
+    """A photo shrunk to DATASET_SIDE px on its long side, as JPEG bytes: (bytes, w, h, original w, original h)."""
+    with Image.open(path) as image:
+        original = image.size
+        copy = image.convert("RGB")
+        copy.thumbnail((DATASET_SIDE, DATASET_SIDE), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    copy.save(buffer, "JPEG", quality=80)
+    return buffer.getvalue(), copy.width, copy.height, original[0], original[1]
+
+
+def dataset_records() -> list[dict[str, object]]:
+    """One img2dataset-style record per photo (key = shard·10^4 + index, zero-padded as img2dataset does)."""
+    records: list[dict[str, object]] = []
+    for index, photo in enumerate(PHOTOS):
+        data, width, height, original_w, original_h = small_jpeg(HERE / photo.file)
+        shard, position = divmod(index, 4)
+        records.append({
+            "key": f"{shard * 10_000 + position:09d}", "url": f"https://example.com/{Path(photo.file).name}",
+            "caption": photo.hint or f"A photo from {photo.source}.", "status": "success", "error_message": None,
+            "width": width, "height": height, "original_width": original_w, "original_height": original_h,
+            "sha256": hashlib.sha256(data).hexdigest(), "jpg": data, "name": Path(photo.file).stem + ".jpg",
+            "source": photo.source,
+        })
+    return records
+
+
+def write_hf_parquet(records: Sequence[Mapping[str, object]]) -> None:
+    """What ``datasets.Dataset.to_parquet`` writes for an ``Image`` feature, without depending on ``datasets``."""
+    features = {"image": {"_type": "Image"}, "caption": {"dtype": "string", "_type": "Value"},
+                "source": {"dtype": "string", "_type": "Value"}}
+    schema = pa.schema(
+        [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("caption", pa.string()),
+         ("source", pa.string())],
+        metadata={"huggingface": json.dumps({"info": {"features": features}})},
+    )
+    rows = [{"image": {"bytes": r["jpg"], "path": r["name"]}, "caption": r["caption"], "source": r["source"]}
+            for r in records]
+    (HERE / "hf").mkdir(exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), HERE / "hf" / "train-00000-of-00001.parquet")
+
+
+IMG2DATASET_COLUMNS = ("key", "url", "caption", "status", "error_message", "width", "height", "original_width",
+                       "original_height", "sha256", "jpg")
+
+
+def write_img2dataset_parquet(records: Sequence[Mapping[str, object]]) -> None:
+    """img2dataset's Parquet output, plus one row whose download failed (null bytes, as img2dataset leaves it)."""
+    failed = {"key": "000000008", "url": "https://example.com/gone.jpg", "caption": "A photo that is gone.",
+              "status": "failed_to_download", "error_message": "HTTP Error 404: Not Found"}
+    rows = [{c: r.get(c) for c in IMG2DATASET_COLUMNS} for r in records] + [{c: failed.get(c) for c in
+                                                                           IMG2DATASET_COLUMNS}]
+    schema = pa.schema([(c, pa.binary() if c == "jpg" else pa.int64() if "width" in c or "height" in c
+                         else pa.string()) for c in IMG2DATASET_COLUMNS])
+    (HERE / "img2dataset").mkdir(exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), HERE / "img2dataset" / "00000.parquet")
+
+
+def write_webdataset_shards(records: Sequence[Mapping[str, object]]) -> None:
+    """Two shards of 4 samples, members in img2dataset's order (.jpg, .json, .txt), fixed metadata for stable bytes."""
+    (HERE / "wds").mkdir(exist_ok=True)
+    for shard in range(2):
+        with tarfile.open(HERE / "wds" / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as archive:
+            for record in records[shard * 4: shard * 4 + 4]:
+                meta = {c: record[c] for c in IMG2DATASET_COLUMNS if c != "jpg"}
+                members = [("jpg", record["jpg"]), ("json", json.dumps(meta).encode()),
+                           ("txt", str(record["caption"]).encode())]
+                for ext, data in members:
+                    info = tarfile.TarInfo(f"{record['key']}.{ext}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644  # type: ignore[arg-type]
+                    archive.addfile(info, io.BytesIO(data))  # type: ignore[arg-type]
+
+
+def make_datasets() -> None:
+    """The HF, img2dataset and WebDataset samples, from the photos already on disk."""
+    records = dataset_records()
+    write_hf_parquet(records)
+    write_img2dataset_parquet(records)
+    write_webdataset_shards(records)
+
+
 def main() -> None:
     """Regenerate everything and print a one-line summary per file (this is a script, not library code)."""
     captions = make_photos()
@@ -797,6 +897,7 @@ def main() -> None:
     write_manifests("captions", captions, ("csv", "parquet", "jsonl"))
     write_manifests("documents", documents, ("csv", "parquet"))
     write_jsonl(HERE / "pairs.jsonl", [{"id": i, "images": images, "hint": hint} for i, images, hint in PAIRS])
+    make_datasets()
     total = 0
     for path in sorted(p for p in HERE.rglob("*") if p.is_file() and p.suffix != ".py" and "out" not in p.parts):
         total += path.stat().st_size
