@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from PIL import Image
+from pyarrow import ipc
 
 from qwenvl_batch import job_from_dict
 from qwenvl_batch.config import JobConfig

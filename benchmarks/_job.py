@@ -41,9 +41,10 @@ import json  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Awaitable, Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 from qwenvl_batch import JobConfig, RunSummary, job_from_dict, run_job_async  # noqa: E402
 from qwenvl_batch import planning as planning_module  # noqa: E402

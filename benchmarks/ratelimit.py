@@ -38,10 +38,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pandas as pd  # noqa: E402
-from _common import synthetic_images  # noqa: E402
+import pandas as pd
+from _common import synthetic_images
 
-from qwenvl_batch import job_from_dict, run_job  # noqa: E402
+from qwenvl_batch import job_from_dict, run_job
 
 _SERVE = ("import json, sys; from qwenvl_batch.simulator import SimulatorConfig, serve; "
           "serve(SimulatorConfig(**json.loads(sys.argv[1])), port=0)")

@@ -33,22 +33,22 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
+import ratelimit
+from _common import SimulatorProcess, simulator_process, synthetic_images, synthetic_manifest
+from _fixtures import build_done_output, job_dict, large_scans, make_job, output_layout
+from _job import run_child
 
-import ratelimit  # noqa: E402
-from _common import SimulatorProcess, simulator_process, synthetic_images, synthetic_manifest  # noqa: E402
-from _fixtures import build_done_output, job_dict, large_scans, make_job, output_layout  # noqa: E402
-from _job import run_child  # noqa: E402
-
-from qwenvl_batch.media import parse_image_cell, prepare_image  # noqa: E402
-from qwenvl_batch.policy import backoff_s  # noqa: E402
+from qwenvl_batch.media import parse_image_cell, prepare_image
+from qwenvl_batch.policy import backoff_s
 
 LEFT_TO_DO = 10_000  # rows still to send in the resumed 10^5 / 10^6 runs
 
@@ -560,7 +560,7 @@ def _guarded(report: Report, figure: str, measure: Callable[[], None]) -> None:
     """Run one figure; if it crashes, record a FAIL with the reason and go on with the others."""
     try:
         measure()
-    except Exception as exc:  # noqa: BLE001 - one broken figure must not hide the rest; it is reported as FAIL
+    except Exception as exc:
         traceback.print_exc()
         report.add(figure, "benchmark error", f"{type(exc).__name__}: {str(exc)[-500:]}", "runs", False)
 
@@ -582,7 +582,7 @@ def main() -> int:
         bench = Bench(workdir, sizes, report)
         for key in sorted(figures):
             if key in FIGURES:
-                _guarded(report, key, lambda: FIGURES[key](bench))
+                _guarded(report, key, lambda key=key: FIGURES[key](bench))  # type: ignore[misc]
             elif key == min(figures & {"4", "5", "6"}):
                 _guarded(report, "4-6", lambda: fig_memory_resume_output(bench, figures))
     print(f"\n## Summary ({'quick' if args.quick else 'full'}, {time.perf_counter() - started:,.0f} s)\n")

@@ -183,7 +183,8 @@ class _Canvas:
             "vlines": '<path d="M3,0 v6" stroke="#fff" stroke-width="1.5" opacity=".8"/>',
             "back": '<path d="M-1,5 l2,2 M0,0 l6,6 M5,-1 l2,2" stroke="#fff" stroke-width="1.4" opacity=".8"/>',
         }
-        patterns = [f'<pattern id="{cid}-p{i}" width="6" height="6" patternUnits="userSpaceOnUse">{strokes[p]}</pattern>'
+        patterns = [f'<pattern id="{cid}-p{i}" width="6" height="6" '
+                    f'patternUnits="userSpaceOnUse">{strokes[p]}</pattern>'
                     for i, p in enumerate(_PATTERNS) if p]
         return "<defs>" + "".join(patterns) + "</defs>"
 
@@ -340,7 +341,8 @@ def hbar_chart(chart_id: str, title: str, *, items: Sequence[tuple[str, float]],
         parts.append(f'<text x="{label_w - 6:.1f}" y="{y + 15}" text-anchor="end">{_esc(shown)}'
                      f"<title>{_esc(label)}</title></text>")
         parts.append(f'<rect x="{label_w:.1f}" y="{y + 3}" width="{width:.1f}" height="{row_h - 8}" '
-                     f'fill="{_COLOURS[0]}"><title>{_esc(label)}: {_esc(format_number(value, decimals))}</title></rect>')
+                     f'fill="{_COLOURS[0]}"><title>{_esc(label)}: '
+                     f'{_esc(format_number(value, decimals))}</title></rect>')
         parts.append(f'<text x="{label_w + width + 5:.1f}" y="{y + 15}">{_esc(format_number(value, decimals))}</text>')
     base = 16 + row_h * len(items) + 4
     parts.append(f'<line x1="{label_w:.1f}" x2="{label_w + plot_w:.1f}" y1="{base}" y2="{base}" stroke="#333"/>')

@@ -44,13 +44,13 @@ def parse_amount(value: Any) -> tuple[float, str | None]:
     """
     # ValueError, not TypeError, throughout: pydantic turns only ValueError into a message naming the key.
     if isinstance(value, bool):
-        raise ValueError(f"expected an amount such as 25 or \"50 CNY\", got {value!r}")  # noqa: TRY004
+        raise ValueError(f"expected an amount such as 25 or \"50 CNY\", got {value!r}")
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError(f"expected an amount >= 0, got {value!r}")
         return float(value), None
     if not isinstance(value, str):
-        raise ValueError(f"expected an amount such as 25 or \"50 CNY\", got {value!r}")  # noqa: TRY004
+        raise ValueError(f"expected an amount such as 25 or \"50 CNY\", got {value!r}")
     match = _AMOUNT.fullmatch(value)
     if match is None or (match["pre"] and match["post"]):
         raise ValueError(f"expected an amount such as 25 or \"50 CNY\" (a number and a 3-letter currency code), "

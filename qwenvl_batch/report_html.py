@@ -177,7 +177,8 @@ def _esc(text: object) -> str:
 
 def _figure(chart_id: str, title: str, svg: str, note: str = "") -> str:
     extra = f'<p class="note">{_esc(note)}</p>' if note else ""
-    return f'<figure class="chart" id="fig-{_esc(chart_id)}"><figcaption>{_esc(title)}</figcaption>{svg}{extra}</figure>'
+    caption = f"<figcaption>{_esc(title)}</figcaption>"
+    return f'<figure class="chart" id="fig-{_esc(chart_id)}">{caption}{svg}{extra}</figure>'
 
 
 def _width_text(width_s: int) -> str:

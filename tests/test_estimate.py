@@ -9,9 +9,10 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from conftest import image_rows, write_image, write_manifest
 
-from qwenvl_batch import estimate as estimate_module
 from qwenvl_batch import ConfigError, load_job, run_job
+from qwenvl_batch import estimate as estimate_module
 from qwenvl_batch.estimate import (
     DEFAULT_TYPICAL_COMPLETION_TOKENS,
     estimate_job,
@@ -22,8 +23,6 @@ from qwenvl_batch.estimate import (
 from qwenvl_batch.media import probe_image
 from qwenvl_batch.pricing import PriceTable
 from qwenvl_batch.tokens import image_tokens
-
-from conftest import image_rows, write_image, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import SimulatorProcess, image_rows, write_manifest
 
 from qwenvl_batch import JobError, load_results, run_job
 from qwenvl_batch.simulator import SimulatorConfig, SimulatorThread
-
-from conftest import SimulatorProcess, image_rows, write_manifest
 
 MARKED = {"user": "Describe row {id}. {note}"}
 

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import image_rows, ok_requests_for, write_manifest
 
 from qwenvl_batch import load_job, load_results, run_job
 from qwenvl_batch.cli import main
 from qwenvl_batch.simulator import SimulatorConfig, SimulatorThread
-
-from conftest import image_rows, ok_requests_for, write_manifest
 
 ROWS = 120
 

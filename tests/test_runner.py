@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import image_rows, ok_requests_for, write_image, write_manifest
 
 from qwenvl_batch import ConfigError, JobError, load_results, run_job
 from qwenvl_batch.store import RESULT_COLUMNS
 from qwenvl_batch.tokens import image_tokens
-
-from conftest import image_rows, ok_requests_for, write_image, write_manifest
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import image_rows, write_manifest
 
 from qwenvl_batch import ConfigError, load_results, run_job
 from qwenvl_batch.errors import SpendCapReached
-
-from conftest import image_rows, write_manifest
 
 # 0.01 per token, so costs are easy to read: a row here costs about 0.9.
 PRICES = """

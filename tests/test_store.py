@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
+from pyarrow import ipc
 
 from qwenvl_batch.errors import ConfigError
 from qwenvl_batch.manifest import hash_ids
@@ -20,7 +20,7 @@ MANIFEST = pa.schema([("id", pa.string()), ("image", pa.string())])
 
 def _row(key: str, status: str = "ok", response: str = "r") -> dict[str, object]:
     return {"id": key, "image": f"{key}.jpg", "status": status, "response": response, "fingerprint": "0" * 16,
-            "finished_at": datetime.now(timezone.utc)}
+            "finished_at": datetime.now(UTC)}
 
 
 def _store(tmp_path: Path, fold_rows: int = 100_000) -> OutputStore:
