@@ -4,8 +4,10 @@ expiry, validation failures, transient line errors, and kill -9 at every step fo
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -238,6 +240,16 @@ STEPS = ["writing", "written", "uploaded", "create", "created", "poll", "downloa
 
 def _run_cli(job: Any, tmp_path: Path, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
     """The job in a subprocess (the real CLI), optionally killed with SIGKILL right after a named step."""
+    job_file = _job_file(job, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "QWENVL_BATCH_TEST_KILL_AT"}
+    if kill_at:
+        env["QWENVL_BATCH_TEST_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "qwenvl_batch", "run", str(job_file)], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def _job_file(job: Any, tmp_path: Path) -> Path:
+    """The job as a TOML file for the CLI."""
     job_file = tmp_path / "job.toml"
     m = job.model
     job_file.write_text(f"""
@@ -260,11 +272,7 @@ max_lines_per_file = {job.batch.max_lines_per_file or 50000}
 [run]
 progress = "off"
 """)
-    env = {k: v for k, v in os.environ.items() if k != "QWENVL_BATCH_TEST_KILL_AT"}
-    if kill_at:
-        env["QWENVL_BATCH_TEST_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "qwenvl_batch", "run", str(job_file)], env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return job_file
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -274,10 +282,73 @@ def test_kill_at_each_step_then_rerun_submits_every_row_once(tmp_path: Path, sim
     job = batch_job(tmp_path, sim, rows=6, batch={"max_lines_per_file": 3})
     killed = _run_cli(job, tmp_path, kill_at=step)
     assert killed.returncode == -9, killed.stderr
-    rerun = _run_cli(job, tmp_path)
-    assert rerun.returncode == 0, rerun.stderr
+    assert run_job(job).pending == 0  # the re-run, in this process
     out = pd.read_parquet(job.output.path)
     assert sorted(out["id"]) == [f"row-{i:04d}" for i in range(6)] and (out["status"] == "ok").all()
     assert ops(sim)["batches.create"] == 2
     assert len(processed(sim)) == 6 and set(processed(sim).values()) == {1}
     assert sim.app[BATCH_KEY].files == {}
+
+
+def test_fallback_realtime_sends_what_the_batches_left(tmp_path: Path) -> None:
+    """With fallback = realtime and one round, the rows an expired batch did not run are answered in realtime."""
+    with SimulatorThread(SimulatorConfig(batch_expire_after_lines=2)) as sim:
+        job = batch_job(tmp_path, sim, batch={"max_rounds": 1, "fallback": "realtime"})
+        summary = run_job(job)
+        out = load_results(job.output.path)
+        assert summary.ok == 6 and summary.pending == 0
+        assert out["batch_id"].notna().sum() == 2 and out["batch_id"].isna().sum() == 4
+        realtime = [e for e in sim.requests if "kind" not in e]
+        assert len(realtime) == 4
+
+
+def test_row_too_large_for_a_line_is_an_input_error(tmp_path: Path, sim: SimulatorThread) -> None:
+    """A row whose line exceeds the per-line limit is an input error naming the fix; nothing is uploaded."""
+    job = batch_job(tmp_path, sim, rows=2, batch={"max_file_mb": 0.0001})
+    summary = run_job(job)
+    out = load_results(job.output.path)
+    assert summary.errors == 2 and (out["error_code"] == "batch_line_too_large").all()
+    assert "http(s) URL" in out["error_message"].iloc[0] and ops(sim) == Counter()
+
+
+def test_in_flight_batches_are_not_reattached_elsewhere(tmp_path: Path, sim: SimulatorThread) -> None:
+    """Batches in flight at one endpoint: a run pointed at another is refused (it would submit them twice)."""
+    job = batch_job(tmp_path, sim)
+    assert _run_cli(job, tmp_path, kill_at="created").returncode == -9
+    other = job.model_copy(update={"model": job.model.model_copy(update={"base_url": "http://127.0.0.1:9/v1"})})
+    with pytest.raises(ConfigError, match="in flight at"):
+        run_job(other)
+
+
+def test_ctrl_c_while_waiting_stops_cleanly_and_the_rerun_reattaches(tmp_path: Path) -> None:
+    """SIGINT while polling exits 130 with the batch recorded; the re-run re-attaches without a second create."""
+    with SimulatorThread(SimulatorConfig(batch_lines_per_s=4)) as sim:
+        job = batch_job(tmp_path, sim, rows=8)
+        fresh = _job_file(job, tmp_path)
+        proc = subprocess.Popen([sys.executable, "-m", "qwenvl_batch", "run", str(fresh)], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        state = state_path(state_dir_for(job.output.path))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and '"created"' not in (state.read_text() if state.exists() else ""):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "keep running at the provider" in err
+        rerun = subprocess.run([sys.executable, "-m", "qwenvl_batch", "run", str(fresh)], capture_output=True,
+                               text=True, timeout=120, check=False)
+        assert rerun.returncode == 0, rerun.stderr
+        assert ops(sim)["batches.create"] == 1 and len(pd.read_parquet(job.output.path)) == 8
+
+
+def test_batches_command_lists_the_output_batches(tmp_path: Path, sim: SimulatorThread, capsys: Any) -> None:
+    """`qwenvl-batch batches OUT` prints one line per batch with its status and counts; an output run in
+    realtime says it has no batches (exit 2)."""
+    from qwenvl_batch.cli import main
+
+    job = batch_job(tmp_path, sim, rows=4, batch={"max_lines_per_file": 2})
+    run_job(job)
+    assert main(["batches", str(job.output.path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("completed" in line and "2/2" in line for line in lines)
+    assert main(["batches", str(tmp_path / "nothing.parquet")]) == 2
+    assert "no batches recorded" in capsys.readouterr().err

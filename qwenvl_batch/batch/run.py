@@ -19,11 +19,13 @@ created, poll, downloaded, journal (half the rows journaled), journaled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ import pyarrow as pa
 
 from ..config import JobConfig
 from ..currency import committed_spend
-from ..errors import JobError
+from ..errors import ConfigError, Interrupted, JobError
 from ..manifest import hash_ids, id_strings, limited_batches
 from ..planning import JobSetup, Plan, open_job, plan_rows
 from ..pricing import PriceTable
@@ -99,13 +101,17 @@ class BatchRun:
         self.round_rows = RoundRows()
         self.stop_reason: JobError | None = None
         self.verbose = job.run.progress != "off"
-        self._output_batch_ids: dict[str, str] | None = None
+        self._interrupted: Interrupted | None = None
+        self._task: asyncio.Task[Any] | None = None
 
     # -- the run --------------------------------------------------------------------------------------------
     async def run(self) -> RunSummary:
         started = time.monotonic()
         if self.region_warning:
             self._say(self.region_warning)
+        if self.job.limits.max_cost is not None:
+            self._say("[limits] max_cost is not enforced in mode = \"batch\": a batch, once created, is billed for "
+                      "every line it answers. Check `qwenvl-batch estimate` first, or use --limit")
         try:
             if self.store.exists():
                 self.store.lock()
@@ -117,12 +123,21 @@ class BatchRun:
             self.store.create()
             url = self.base_url or batch_endpoint_url(self.job)
             state = load_state(self.store.state_dir, url)
+            self._check_endpoint(state, url)
             state.endpoint = url
             self.poll_s = self._poll_bounds(url)
             backend = BatchBackend(url, self.job.api_key(), self.rules)
             try:
-                await self._drive(state, backend, state.active())  # re-attach to what a crash left
-                await self._rounds(state, backend, plan)
+                with self._signals():
+                    await self._drive(state, backend, state.active())  # re-attach to what a crash left
+                    await self._rounds(state, backend, plan)
+            except asyncio.CancelledError:
+                if self._interrupted is None:
+                    raise
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                self.stop_reason = self._interrupted
             finally:
                 await backend.close()
             self.store.finalize()
@@ -135,6 +150,18 @@ class BatchRun:
         if self.job.batch.fallback == "realtime" and summary.pending:
             return await self._fallback(summary)
         return summary
+
+    def _check_endpoint(self, state: BatchState, url: str) -> None:
+        """Batches in flight live at one provider account: re-attaching elsewhere would submit their rows twice.
+
+        A simulated run is exempt (the simulator starts on a new port each run and forgets its batches; their
+        rows go back to pending when it answers 404)."""
+        if self.job.run.simulate or not state.active() or state.endpoint in ("", url):
+            return
+        raise ConfigError(
+            f"{self.job.output.path} has {len(state.active())} batch(es) in flight at {state.endpoint}, but this run "
+            f"points at {url}. Run with the same endpoint (region / base_url) to re-attach to them, or cancel them "
+            f"first: qwenvl-batch batches {self.job.output.path} --cancel. Nothing was sent.")
 
     def _poll_bounds(self, url: str) -> tuple[float, float]:
         """(first, longest) poll interval: 30-60 s against a real provider, fast against a loopback server."""
@@ -463,8 +490,33 @@ class BatchRun:
         print(f"qwenvl-batch: {message}", file=sys.stderr, flush=True)
 
     def interrupt(self, signum: int = int(signal.SIGINT)) -> None:
-        """Ctrl-C from a notebook: the batches keep running at the provider; a re-run re-attaches."""
-        raise KeyboardInterrupt
+        """Ctrl-C / SIGTERM (or a notebook's interrupt): stop waiting; every step done so far is recorded, the
+        batches keep running at the provider, and a re-run re-attaches to them."""
+        name = signal.Signals(signum).name
+        self._interrupted = Interrupted(
+            f"Interrupted ({name}) while waiting for the batches; they keep running at the provider. Results so far "
+            "are committed; run again to re-attach (or cancel them: qwenvl-batch batches OUT --cancel)",
+            signum=signum)
+        if self._task is not None:
+            self._task.cancel()
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM → interrupt(), on the main thread's loop (elsewhere the caller forwards them)."""
+        loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        installed: list[int] = []
+        for signum in (int(signal.SIGINT), int(signal.SIGTERM)):
+            try:
+                loop.add_signal_handler(signum, self.interrupt, signum)
+                installed.append(signum)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        try:
+            yield
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
 
     async def _fallback(self, summary: RunSummary) -> RunSummary:
         """Rows still pending after the batch rounds: sent one by one by the realtime runner."""
