@@ -228,6 +228,8 @@ def test_batch_chat_is_realtime_at_the_batch_host(tmp_path: Path, sim: Simulator
                                                                           "mode": "batch-chat"}}
     job = batch_chat_job(job_from_dict(raw, base_dir=tmp_path))
     assert job.model.endpoint == BATCH_CHAT_BASE_URL
+    realtime = job_from_dict({**raw, "model": {"name": "qwen3-vl-flash", "region": "cn"}}, base_dir=tmp_path)
+    assert job.endpoint_identity == realtime.endpoint_identity  # switching modes does not make rows "changed"
     assert job.limits.timeout_s == 3600 and job.limits.concurrency == 256
     raw["model"]["region"] = "intl"
     with pytest.raises(ConfigError, match="Beijing region only"):
@@ -235,7 +237,7 @@ def test_batch_chat_is_realtime_at_the_batch_host(tmp_path: Path, sim: Simulator
 
 
 # -- kill -9 at every step ---------------------------------------------------------------------------------
-STEPS = ["writing", "written", "uploaded", "create", "created", "poll", "downloaded", "journal", "journaled"]
+STEPS = ["writing", "written", "upload", "uploaded", "create", "created", "poll", "downloaded", "journal", "journaled"]
 
 
 def _run_cli(job: Any, tmp_path: Path, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -285,7 +287,7 @@ def test_kill_at_each_step_then_rerun_submits_every_row_once(tmp_path: Path, sim
     assert run_job(job).pending == 0  # the re-run, in this process
     out = pd.read_parquet(job.output.path)
     assert sorted(out["id"]) == [f"row-{i:04d}" for i in range(6)] and (out["status"] == "ok").all()
-    assert ops(sim)["batches.create"] == 2
+    assert ops(sim)["batches.create"] == 2 and ops(sim)["files.create"] == 2  # nothing uploaded twice either
     assert len(processed(sim)) == 6 and set(processed(sim).values()) == {1}
     assert sim.app[BATCH_KEY].files == {}
 

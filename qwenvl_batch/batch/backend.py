@@ -7,12 +7,16 @@ run from what the state file says.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
 import openai
 
 from .rules import ENDPOINT, ProviderRules
+
+log = logging.getLogger(__name__)
 
 LIST_PAGES = 20  # at most 2,000 batches scanned to find one by ds_name (the provider keeps 30 days)
 
@@ -27,8 +31,30 @@ class BatchBackend:
     async def close(self) -> None:
         await self.client.close()
 
-    async def upload(self, path: Path) -> str:
-        return (await self.client.files.create(file=path, purpose="batch")).id
+    async def upload(self, path: Path, filename: str) -> str:
+        """Upload under ``filename`` (unique per shard), so an upload whose id was never recorded can be found."""
+        handle = await asyncio.to_thread(open, path, "rb")
+        try:
+            return (await self.client.files.create(file=(filename, handle), purpose="batch")).id
+        finally:
+            handle.close()
+
+    async def find_file(self, filename: str, size: int) -> str | None:
+        """The id of a file uploaded under ``filename`` with ``size`` bytes (uploaded just before a crash), or None.
+
+        Servers without a file list (404/405) get None: the shard is uploaded again."""
+        try:
+            page = await self.client.files.list(purpose="batch")
+            async for item in page:
+                if item.filename == filename and item.bytes == size:
+                    return item.id
+        except (openai.NotFoundError, openai.UnprocessableEntityError):
+            return None
+        except openai.APIStatusError as exc:
+            if exc.status_code == 405:
+                return None
+            raise
+        return None
 
     async def create(self, file_id: str, window: str, metadata: dict[str, str]) -> Any:
         return await self.client.batches.create(input_file_id=file_id, endpoint=ENDPOINT,  # type: ignore[arg-type]
@@ -51,7 +77,11 @@ class BatchBackend:
             kwargs: dict[str, Any] = {"limit": 100, "extra_query": extra}
             if after:
                 kwargs["after"] = after
-            page = await self.client.batches.list(**kwargs)
+            try:
+                page = await self.client.batches.list(**kwargs)
+            except openai.NotFoundError:  # a server without a batch list: nothing can be found, create
+                log.warning("%s has no batch list: a batch created just before a crash cannot be found", ds_name)
+                return None
             for batch in page.data:
                 if (batch.metadata or {}).get("ds_name") == ds_name:
                     return batch

@@ -12,7 +12,8 @@ run, up to ``[batch] max_rounds``; with ``fallback = "realtime"`` the rows still
 one by one with the realtime runner.
 
 ``QWENVL_BATCH_TEST_KILL_AT=<step>`` (tests only) kills the process with SIGKILL right after a named step, so the
-crash tests cover every step: writing, written, uploaded, create (the batch exists, its id not yet recorded),
+crash tests cover every step: writing, written, upload (the file exists, its id not yet recorded), uploaded,
+create (the batch exists, its id not yet recorded),
 created, poll, downloaded, journal (half the rows journaled), journaled.
 """
 
@@ -301,7 +302,11 @@ class BatchRun:
     async def _submit(self, state: BatchState, backend: BatchBackend, shard: Shard) -> None:
         """written → uploaded (file id recorded) → created (batch id recorded the moment create returns)."""
         if shard.state == "written":
-            shard.file_id = await backend.upload(state.file(shard, "input.jsonl"))
+            filename = shard.ds_name.replace("/", "-") + ".jsonl"
+            shard.file_id = await backend.find_file(filename, shard.bytes)  # uploaded just before a crash?
+            if shard.file_id is None:
+                shard.file_id = await backend.upload(state.file(shard, "input.jsonl"), filename)
+                _kill_point("upload")
             shard.state = "uploaded"
             state.save()
             _kill_point("uploaded")

@@ -1,7 +1,8 @@
 """The Batch API's files and batches, as DashScope's OpenAI-compatible mode serves them (facts §1.1).
 
-``POST /files`` (purpose=batch), ``GET /files/{id}/content``, ``DELETE /files/{id}``, ``POST /batches``,
-``GET /batches/{id}``, ``GET /batches`` (``ds_name`` filter, cursor pages), ``POST /batches/{id}/cancel``.
+``POST /files`` (purpose=batch), ``GET /files`` (list), ``GET /files/{id}/content``, ``DELETE /files/{id}``,
+``POST /batches``, ``GET /batches/{id}``, ``GET /batches`` (``ds_name`` filter, cursor pages),
+``POST /batches/{id}/cancel``.
 A batch validates its file (JSON, unique ``custom_id``, ``url`` = ``endpoint``, one model, ≤ 6 MB per line,
 ≤ 50,000 lines), then answers its lines one by one with the realtime handler's logic (``parse_chat_request``,
 ``measure_image``, ``build_answer``, markers and random faults), so each custom_id gets the answer a realtime
@@ -142,6 +143,24 @@ def _store_file(store: BatchStore, file_id: str, filename: str, data: bytes, pur
     store.contents[file_id] = data
     store.files[file_id] = {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
                             "filename": filename, "purpose": purpose, "status": "processed", "status_details": None}
+
+
+async def list_files(request: web.Request) -> web.Response:
+    """GET /files?purpose=&after=&limit=: newest first."""
+    if (denied := _auth(request)) is not None:
+        return denied
+    state, store = request.app[STATE_KEY], request.app[BATCH_KEY]
+    _log(state, "files.list")
+    files = sorted(store.files.values(), key=lambda f: f["created_at"], reverse=True)
+    if request.query.get("purpose"):
+        files = [f for f in files if f["purpose"] == request.query["purpose"]]
+    if request.query.get("after"):
+        ids = [f["id"] for f in files]
+        files = files[ids.index(request.query["after"]) + 1:] if request.query["after"] in ids else []
+    limit = max(1, min(int(request.query.get("limit", 10_000)), 10_000))
+    return _json_response({"object": "list", "data": files[:limit], "has_more": len(files) > limit,
+                           "first_id": files[0]["id"] if files else None,
+                           "last_id": files[:limit][-1]["id"] if files else None})
 
 
 async def file_content(request: web.Request) -> web.Response:
@@ -382,6 +401,7 @@ def add_batch_routes(app: web.Application) -> None:
     app[BATCH_KEY] = BatchStore()
     for prefix in ROUTE_PREFIXES:
         app.router.add_post(f"{prefix}/files", upload_file)
+        app.router.add_get(f"{prefix}/files", list_files)
         app.router.add_get(f"{prefix}/files/{{file_id}}/content", file_content)
         app.router.add_delete(f"{prefix}/files/{{file_id}}", delete_file)
         app.router.add_post(f"{prefix}/batches", create_batch)
