@@ -103,6 +103,7 @@ def test_three_shards_make_three_batches_and_files_are_deleted(tmp_path: Path, s
     calls = ops(sim)
     assert summary.ok == 13
     assert calls["batches.create"] == 3 and calls["files.create"] == 3
+    assert calls["batches.list"] == calls["files.list"] == 0  # lookups only when re-attaching after a crash
     assert set(processed(sim).values()) == {1} and len(processed(sim)) == 13
     assert sim.app[BATCH_KEY].files == {}  # input and result files deleted once journaled
     assert not list(state_path(state_dir_for(job.output.path)).parent.glob("shard-*"))  # local copies too
@@ -124,6 +125,29 @@ def test_expiry_part_way_keeps_processed_rows_and_resubmits_the_rest_once(tmp_pa
         assert set(processed(sim).values()) == {1} and len(processed(sim)) == 6
         out = load_results(job.output.path)
         assert out["batch_id"].nunique() == 2
+
+
+def test_openai_style_batch_expired_lines_go_into_the_next_batch(tmp_path: Path) -> None:
+    """Unrun lines reported as batch_expired errors (OpenAI's shape) are not errors: they go into the next batch."""
+    with SimulatorThread(SimulatorConfig(batch_expire_after_lines=4, batch_expired_lines=True)) as sim:
+        job = batch_job(tmp_path, sim)
+        summary = run_job(job)
+        out = load_results(job.output.path)
+        assert summary.ok == 6 and summary.errors == 0 and (out["status"] == "ok").all()
+        assert ops(sim)["batches.create"] == 2 and set(processed(sim).values()) == {1}
+
+
+def test_poll_interval_is_30_to_60_s_against_a_provider(tmp_path: Path, sim: SimulatorThread) -> None:
+    """Against a real provider polls start at 30 s and back off to 60 s (a smaller setting is raised to 30 s);
+    a loopback server is polled fast."""
+    from qwenvl_batch.batch import BatchRun
+
+    run = BatchRun(batch_job(tmp_path, sim, batch={"poll_interval_s": 5}))
+    assert run._poll_bounds("https://dashscope.aliyuncs.com/compatible-mode/v1") == (30.0, 60.0)
+    assert run._poll_bounds(sim.base_url) == (5, 5)
+    run = BatchRun(batch_job(tmp_path, sim, batch={"poll_interval_s": None}))
+    assert run._poll_bounds("https://api.openai.com/v1") == (30.0, 60.0)
+    assert run._poll_bounds(sim.base_url)[0] < 1
 
 
 def test_failed_validation_names_the_line_and_leaves_rows_pending(tmp_path: Path) -> None:

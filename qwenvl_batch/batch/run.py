@@ -103,6 +103,7 @@ class BatchRun:
         self.stop_reason: JobError | None = None
         self.verbose = job.run.progress != "off"
         self._interrupted: Interrupted | None = None
+        self._fresh: set[int] = set()  # shards written by this process (no lookup at the provider needed)
         self._task: asyncio.Task[Any] | None = None
 
     # -- the run --------------------------------------------------------------------------------------------
@@ -209,6 +210,7 @@ class BatchRun:
                           lines=open_shard.lines, bytes=open_shard.bytes)
             state.shards.append(shard)
             state.save()
+            self._fresh.add(no)
             new.append(shard)
             _kill_point("written")
 
@@ -301,16 +303,19 @@ class BatchRun:
 
     async def _submit(self, state: BatchState, backend: BatchBackend, shard: Shard) -> None:
         """written → uploaded (file id recorded) → created (batch id recorded the moment create returns)."""
+        fresh = shard.no in self._fresh  # written by this process: nothing of it can exist at the provider yet
         if shard.state == "written":
             filename = shard.ds_name.replace("/", "-") + ".jsonl"
-            shard.file_id = await backend.find_file(filename, shard.bytes)  # uploaded just before a crash?
+            if not fresh:  # uploaded just before a crash?
+                shard.file_id = await backend.find_file(filename, shard.bytes)
             if shard.file_id is None:
                 shard.file_id = await backend.upload(state.file(shard, "input.jsonl"), filename)
                 _kill_point("upload")
             shard.state = "uploaded"
             state.save()
             _kill_point("uploaded")
-        found = await backend.find(shard.ds_name)  # created just before a crash? then attach, never create again
+        # created just before a crash? then attach, never create again (list: 100 calls/min, so only on a re-run)
+        found = None if fresh else await backend.find(shard.ds_name)
         if found is None:
             assert shard.file_id is not None
             metadata = self.rules.metadata(shard.ds_name, f"qwenvl-batch {self.job.output.path.name} shard {shard.no}")

@@ -332,6 +332,8 @@ async def _run_batch(state: SimulatorState, store: BatchStore, batch: SimBatch) 
         if batch.cancel:
             return _finish(store, batch, ok_lines, error_lines, "cancelled")
         if config.batch_expire_after_lines is not None and number >= config.batch_expire_after_lines:
+            if config.batch_expired_lines:  # OpenAI returns the lines it never ran in the error file
+                error_lines += [_expired_line(line) for line in lines[number:]]
             return _finish(store, batch, ok_lines, error_lines, "expired")
         if config.batch_lines_per_s:
             await asyncio.sleep(1.0 / config.batch_lines_per_s)
@@ -360,6 +362,12 @@ def _finish(store: BatchStore, batch: SimBatch, ok_lines: list[dict[str, Any]], 
                 batch.error_file_id = file_id
     batch.status = status
     batch.times[status] = int(time.time())
+
+
+def _expired_line(line: dict[str, Any]) -> dict[str, Any]:
+    """A line an expired batch never ran, as OpenAI reports it."""
+    return {"id": str(uuid.uuid4()), "custom_id": str(line.get("custom_id")), "response": None,
+            "error": {"code": "batch_expired", "message": "This line could not be executed before the batch expired."}}
 
 
 async def answer_line(state: SimulatorState, batch: SimBatch, line: dict[str, Any]) -> dict[str, Any]:

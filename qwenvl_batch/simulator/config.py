@@ -124,6 +124,7 @@ class SimulatorConfig:
     batch_expire_after_lines: int | None = None
     batch_fail_validation: bool = False
     batch_line_error_rate: float = 0.0
+    batch_expired_lines: bool = False  # OpenAI's shape: lines an expired batch never ran, as batch_expired errors
 
     def __post_init__(self) -> None:
         """Validate now, so a bad flag fails at startup with a message rather than mid-benchmark."""
