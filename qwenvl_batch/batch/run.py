@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ KILL_ENV = "QWENVL_BATCH_TEST_KILL_AT"
 REMOTE_POLL_S = (30.0, 60.0)  # the provider asks for no more than one poll a minute per batch: 30 s, backing off
 LOCAL_POLL_S = (0.2, 1.0)  # a loopback server (the simulator) is polled fast
 HEARTBEAT_S = 300.0  # a progress line at least this often while nothing changes (plateaus of 30 min are normal)
+PREPARE_CHUNK = 64  # rows prepared at once (images in memory: about this many base64 images)
 
 
 class BatchFailed(JobError):
@@ -104,6 +106,7 @@ class BatchRun:
         self.verbose = job.run.progress != "off"
         self._interrupted: Interrupted | None = None
         self._fresh: set[int] = set()  # shards written by this process (no lookup at the provider needed)
+        self._resumed_downloads: set[int] = set()  # downloaded before a crash: some rows may be journaled already
         self._task: asyncio.Task[Any] | None = None
 
     # -- the run --------------------------------------------------------------------------------------------
@@ -126,6 +129,7 @@ class BatchRun:
             url = self.base_url or batch_endpoint_url(self.job)
             state = load_state(self.store.state_dir, url)
             self._check_endpoint(state, url)
+            self._resumed_downloads = {s.no for s in state.shards if s.state == "downloaded"}
             state.endpoint = url
             self.poll_s = self._poll_bounds(url)
             backend = BatchBackend(url, self.job.api_key(), self.rules)
@@ -220,19 +224,29 @@ class BatchRun:
             writer.after_line = lambda: _kill_point("writing")
         results = self.store.writer()
         results.start()
+        id_column = self.job.input.id_column
+
+        def build(item: tuple[dict[str, Any], str, int]) -> tuple[bytes | None, dict[str, Any] | None, str]:
+            custom_id = custom_id_for(str(item[0][id_column]))
+            return (*builder.line(item[0], custom_id), custom_id)
+
+        # Reading, resizing and encoding images is most of the work: a few rows at a time in a thread pool (the
+        # decoders release the GIL), in chunks so memory stays bounded, written in manifest order.
+        pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="qwenvl-batch-lines")
         try:
-            for row, fingerprint, key in self._rows_to_send(plan, in_flight):
-                custom_id = custom_id_for(str(row[self.job.input.id_column]))
-                line, error_row = builder.line(row, custom_id)
-                if error_row is not None:
-                    error_row["fingerprint"] = fingerprint
-                    self._record(results, error_row)
-                    self.round_rows.handled.add(key)
-                    continue
-                assert line is not None
-                writer.add(line, row, fingerprint, custom_id)
+            for chunk in _chunks(self._rows_to_send(plan, in_flight), PREPARE_CHUNK):
+                for (row, fingerprint, key), (line, error_row, custom_id) in zip(chunk, pool.map(build, chunk),
+                                                                                 strict=True):
+                    if error_row is not None:
+                        error_row["fingerprint"] = fingerprint
+                        self._record(results, error_row)
+                        self.round_rows.handled.add(key)
+                        continue
+                    assert line is not None
+                    writer.add(line, row, fingerprint, custom_id)
             writer.close()
         finally:
+            pool.shutdown()
             results.close()
         return new
 
@@ -394,7 +408,7 @@ class BatchRun:
         """Every row of the shard: its result row into the output (ok / error), or back to pending."""
         found = outcomes(state.file(shard, "output.jsonl"), state.file(shard, "errors.jsonl"))
         latency = (shard.result_at - shard.submitted_at) if shard.result_at and shard.submitted_at else None
-        already = self._journaled_before(shard)
+        already = self._journaled_before(shard) if shard.no in self._resumed_downloads else {}
         counts = {"ok": 0, "error": 0, "pending": 0}
         writer = self.store.writer()
         writer.start()
@@ -558,6 +572,17 @@ class BatchRun:
             unpriced_model=None if priced else f"{self.job.model.name} (Batch API, this region)",
             retried_errors=plan.retried_errors,
         )
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _duration(seconds: float) -> str:
