@@ -106,6 +106,7 @@ class BatchRun:
         self.verbose = job.run.progress != "off"
         self._interrupted: Interrupted | None = None
         self._fresh: set[int] = set()  # shards written by this process (no lookup at the provider needed)
+        self._writing: asyncio.Future[list[Shard]] | None = None  # the shard writer's thread, while it runs
         self._resumed_downloads: set[int] = set()  # downloaded before a crash: some rows may be journaled already
         self._task: asyncio.Task[Any] | None = None
 
@@ -135,7 +136,8 @@ class BatchRun:
             backend = BatchBackend(url, self.job.api_key(), self.rules)
             try:
                 with self._signals():
-                    await self._drive(state, backend, state.active())  # re-attach to what a crash left
+                    # re-attach to what a crash left; its transient line errors go into this run's batches
+                    await self._drive(state, backend, state.active(), final=False)
                     await self._rounds(state, backend, plan)
             except asyncio.CancelledError:
                 if self._interrupted is None:
@@ -143,6 +145,8 @@ class BatchRun:
                 task = asyncio.current_task()
                 if task is not None:
                     task.uncancel()
+                if self._writing is not None:  # the shard writer stops after its current chunk; let it record
+                    await asyncio.gather(self._writing, return_exceptions=True)
                 self.stop_reason = self._interrupted
             finally:
                 await backend.close()
@@ -188,7 +192,9 @@ class BatchRun:
                 index = self.store.resume_index()
                 plan = plan_rows(self.job, self.setup.manifest, self.setup.renderer, index)
             self.round_rows.again = 0
-            shards = await asyncio.to_thread(self._write_shards, state, plan, number)
+            self._writing = asyncio.ensure_future(asyncio.to_thread(self._write_shards, state, plan, number))
+            shards = await asyncio.shield(self._writing)
+            self._writing = None
             if not shards:
                 return
             await self._drive(state, backend, shards, final=final)
@@ -235,6 +241,8 @@ class BatchRun:
         pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="qwenvl-batch-lines")
         try:
             for chunk in _chunks(self._rows_to_send(plan, in_flight), PREPARE_CHUNK):
+                if self._interrupted is not None:
+                    break
                 for (row, fingerprint, key), (line, error_row, custom_id) in zip(chunk, pool.map(build, chunk),
                                                                                  strict=True):
                     if error_row is not None:
