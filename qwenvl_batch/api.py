@@ -48,16 +48,25 @@ def simulated_endpoint(job: JobConfig) -> Iterator[str]:
         yield sim.base_url
 
 
+def make_run(job: JobConfig, *, base_url: str | None = None, prices: PriceTable | None = None) -> Any:
+    """The run for the job's ``[model] mode``: the realtime JobRun, or batch.BatchRun (the Batch API)."""
+    from .batch import BatchRun, batch_chat_job
+
+    if job.model.mode == "batch":
+        return BatchRun(job, base_url=base_url, prices=prices)
+    return JobRun(batch_chat_job(job), base_url=base_url, prices=prices)
+
+
 async def run_job_async(job: JobConfig | str | Path, *, base_url: str | None = None,
                         prices: PriceTable | None = None, **overrides: Any) -> RunSummary:
     """Run a job inside an existing event loop (``await run_job_async(job)`` in a notebook cell)."""
     job = resolve_job(job, overrides)
     if job.run.simulate:
-        run = JobRun(job, prices=prices)  # checked before the simulator starts: a refused job starts nothing
+        run = make_run(job, prices=prices)  # checked before the simulator starts: a refused job starts nothing
         with simulated_endpoint(job) as url:
             run.base_url = url
             return await run.run()
-    return await JobRun(job, base_url=base_url, prices=prices).run()
+    return await make_run(job, base_url=base_url, prices=prices).run()
 
 
 def run_job(job: JobConfig | str | Path, *, base_url: str | None = None, prices: PriceTable | None = None,
@@ -84,7 +93,7 @@ def _run_in_thread(job: JobConfig, *, base_url: str | None, prices: PriceTable |
 
     async def main() -> RunSummary:
         holder["loop"] = asyncio.get_running_loop()
-        run = JobRun(job, prices=prices, base_url=base_url)
+        run = make_run(job, prices=prices, base_url=base_url)
         holder["run"] = run
         started.set()
         if job.run.simulate:

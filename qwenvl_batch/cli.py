@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(commands)
     _add_status(commands)
     _add_simulate(commands)
+    _add_batches(commands)
     return parser
 
 
@@ -76,6 +77,13 @@ _OVERRIDE_FLAGS: dict[str, dict[str, Any]] = {
                    "help": "answer from the built-in simulator on 127.0.0.1 (no key, no cost, not real answers)"},
     "--progress": {"choices": ["auto", "bar", "lines", "off"],
                    "help": "progress display (auto: a bar on a terminal, a line every 5 s otherwise)"},
+    # README 'Batch mode'
+    "--mode": {"choices": ["realtime", "batch", "batch-chat"],
+               "help": "realtime requests, the provider's Batch API (half price, hours), or Batch Chat"},
+    "--fallback": {"choices": ["none", "realtime"],
+                   "help": "mode = batch: send rows still pending after the batches (expired) in realtime"},
+    "--keep-files": {"action": "store_true",
+                     "help": "mode = batch: keep the uploaded and result files at the provider"},
 }
 
 
@@ -89,7 +97,7 @@ def _overrides(args: argparse.Namespace, flags: Sequence[str]) -> dict[str, Any]
     return {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag in flags}
 
 
-_ESTIMATE_FLAGS = ["--input", "--model", "--concurrency", "--rpm", "--tpm", "--limit", "--prices"]
+_ESTIMATE_FLAGS = ["--input", "--model", "--concurrency", "--rpm", "--tpm", "--limit", "--prices", "--mode"]
 
 
 def _add_run(commands: argparse._SubParsersAction) -> None:
@@ -200,6 +208,28 @@ def _print_summary(summary: object | None) -> None:
 
 def _rerun_command() -> str:
     return " ".join(shlex.quote(part) for part in ["qwenvl-batch", *sys.argv[1:]])
+
+
+def _add_batches(commands: argparse._SubParsersAction) -> None:
+    bat = commands.add_parser("batches", help="list (or --cancel) the Batch API batches of an output",
+                              description="The batches of an output run with mode = batch: state and counts.")
+    bat.add_argument("output", help="output folder written by 'run' with mode = batch")
+    bat.add_argument("--cancel", action="store_true",
+                     help="cancel every unfinished batch (lines already answered are still billed)")
+    bat.add_argument("--api-key-env", default="DASHSCOPE_API_KEY", help="variable holding the API key")
+    bat.set_defaults(handler=_cmd_batches)
+
+
+def _cmd_batches(args: argparse.Namespace) -> int:
+    from .batch import cancel_batches, list_batches
+
+    lines = (cancel_batches if args.cancel else list_batches)(args.output, api_key_env=args.api_key_env)
+    for line in lines:
+        print(line.text())
+    if args.cancel:
+        print("cancel requested: lines answered before the cancel are kept and billed; run the job again to "
+              "journal them and submit the rest")
+    return EXIT_OK
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ REGION_BASE_URLS: dict[str, str] = {
 }
 
 SIMULATOR_API_KEY = "sk-simulator"
+BATCH_CHAT_BASE_URL = "https://batch.dashscope.aliyuncs.com/compatible-mode/v1"  # Beijing only
 
 
 class _Section(BaseModel):
@@ -116,6 +117,9 @@ class ModelConfig(_Section):
     extra_body: dict[str, Any] = Field(default_factory=dict)
     min_pixels: int | None = Field(default=None, ge=1)
     max_pixels: int | None = Field(default=None, ge=1)
+    # realtime: one request per row; batch: the provider's Batch API (files + /batches, half price, hours);
+    # batch-chat: the realtime runner against DashScope's Batch Chat host (see README 'Batch mode')
+    mode: Literal["realtime", "batch", "batch-chat"] = "realtime"
 
     @model_validator(mode="after")
     def _endpoint(self) -> ModelConfig:
@@ -125,9 +129,11 @@ class ModelConfig(_Section):
 
     @property
     def endpoint(self) -> str:
-        """The base URL requests go to (region default: intl, Singapore)."""
+        """The base URL requests go to (region default: intl, Singapore; Batch Chat: its Beijing host)."""
         if self.base_url:
             return self.base_url.rstrip("/")
+        if self.mode == "batch-chat":
+            return BATCH_CHAT_BASE_URL
         return REGION_BASE_URLS[self.region or "intl"]
 
     @property
@@ -192,6 +198,18 @@ class PricingConfig(_Section):
     file: Path | None = None
 
 
+class BatchConfig(_Section):
+    """``mode = "batch"``: how shards are cut, how long the provider may take, how often to look (batch/)."""
+
+    completion_window: str = Field(default="24h", pattern=r"^[1-9][0-9]*[hd]$")
+    max_lines_per_file: int | None = Field(default=None, ge=1)  # None: the provider's limit (50,000)
+    max_file_mb: float | None = Field(default=None, gt=0)  # None: the provider's limit, less a margin
+    poll_interval_s: float | None = Field(default=None, gt=0)  # None: 30 s (remote), 0.2 s (a loopback server)
+    max_rounds: int = Field(default=3, ge=1, le=20)  # batches per row: expired/transient rows go again
+    keep_files: bool = False
+    fallback: Literal["none", "realtime"] = "none"
+
+
 class RunOptions(_Section):
     """Per-invocation choices that are not part of the job's definition."""
 
@@ -212,6 +230,7 @@ class JobConfig(_Section):
     limits: LimitsConfig = LimitsConfig()
     images: ImagesConfig = ImagesConfig()
     pricing: PricingConfig = PricingConfig()
+    batch: BatchConfig = BatchConfig()
     run: RunOptions = RunOptions()
     job_file: Path | None = None
 
@@ -249,7 +268,11 @@ class JobConfig(_Section):
     @property
     def endpoint_identity(self) -> str:
         """What the fingerprint records about where a row was answered (the simulator is not the service)."""
-        return "simulator" if self.run.simulate else self.model.endpoint
+        if self.run.simulate:
+            return "simulator"
+        if self.model.mode == "batch-chat" and not self.model.base_url:
+            return REGION_BASE_URLS["cn"]  # Batch Chat queues for the same Beijing models: the same answers
+        return self.model.endpoint
 
 
 def is_stream_only(model: str) -> bool:
@@ -277,6 +300,9 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "rerun_changed": ("run", "rerun_changed"),
     "simulate": ("run", "simulate"),
     "progress": ("run", "progress"),
+    "mode": ("model", "mode"),
+    "fallback": ("batch", "fallback"),
+    "keep_files": ("batch", "keep_files"),
 }
 
 

@@ -87,6 +87,8 @@ RESULT_FIELDS: list[pa.Field] = [
     pa.field("simulated", pa.bool_()),  # True when the built-in simulator answered (never the real service)
     pa.field("usage_source", pa.string()),  # "reported" by the server, or "estimate" (it sent none)
     pa.field("warning", pa.string()),  # e.g. image_ignored_by_server, proxy_retries=2
+    pa.field("batch_id", pa.string()),  # mode = "batch": the provider's batch that answered the row
+    pa.field("custom_id", pa.string()),  # mode = "batch": the row's custom_id in that batch's JSONL
 ]
 RESULT_COLUMNS = [field.name for field in RESULT_FIELDS]
 

@@ -124,6 +124,14 @@ class SimulatorConfig:
     moderation_rate: float = 0.0
     request_log: str | Path | None = None
     persona: str = "dashscope"  # answer like another server: see simulator/personas.py
+    # Batch API (simulator/batch.py): seconds in "validating", lines answered per second (None: all at once),
+    # expire after this many lines (the rest are never run), fail validation on purpose, per-line 500 errors
+    batch_delay_s: float = 0.0
+    batch_lines_per_s: float | None = None
+    batch_expire_after_lines: int | None = None
+    batch_fail_validation: bool = False
+    batch_line_error_rate: float = 0.0
+    batch_expired_lines: bool = False  # OpenAI's shape: lines an expired batch never ran, as batch_expired errors
 
     def __post_init__(self) -> None:
         """Validate now, so a bad flag fails at startup with a message rather than mid-benchmark."""

@@ -266,6 +266,9 @@ def create_app(config: SimulatorConfig) -> web.Application:
     for prefix in ROUTE_PREFIXES:
         app.router.add_post(f"{prefix}/chat/completions", handle_chat)
         app.router.add_get(f"{prefix}/models", handle_models)
+    from .batch import add_batch_routes  # the Batch API: files and batches (simulator/batch.py)
+
+    add_batch_routes(app)
     app.router.add_get("/_sim/log", handle_log)
     app.router.add_get("/_sim/stats", handle_stats)
     app.router.add_post("/_sim/reset", handle_reset)
