@@ -13,6 +13,7 @@ the plan: all done → "0 to do"; all but the last N → "N to do".
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ def build_done_output(job: JobConfig, done_rows: int) -> float:
         raise RuntimeError(f"{job.output.path} is not empty; the fixture must start from nothing")
     store.create()  # OUT.state/: job.json, journal/, the lock
     seq, written = 1, 0
-    for batch in manifest.batches(batch_rows=FOLD_ROWS):
+    for batch in _segments_of(manifest.batches(), FOLD_ROWS):  # readers cap their batches; a part is FOLD_ROWS
         if written >= done_rows:
             break
         batch = batch.slice(0, done_rows - written)
@@ -102,6 +103,23 @@ def build_done_output(job: JobConfig, done_rows: int) -> float:
                            f"{len(store.parts())} parts; expected 0 and {seq - 1}")
     store.unlock()  # the benchmark's run takes the output's lock itself
     return time.perf_counter() - started
+
+
+def _segments_of(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """Consecutive batches joined into batches of ``rows`` rows (the last one shorter): one journal segment each,
+    as a run folds one part per ``FOLD_ROWS`` rows."""
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        pending.append(batch)
+        count += batch.num_rows
+        if count >= rows:
+            joined = pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+            yield joined.slice(0, rows)
+            rest = joined.slice(rows)
+            pending, count = ([rest] if rest.num_rows else []), rest.num_rows
+    if count:
+        yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
 
 
 def _done_table(batch: pa.RecordBatch, renderer: RowRenderer, schema: pa.Schema, *, seed: int) -> pa.Table:
