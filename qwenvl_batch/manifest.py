@@ -27,7 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 
 from .errors import ConfigError
-from .inputs import folder, parquet_images, patterns, webdataset
+from .inputs import blocks, folder, parquet_images, patterns, webdataset
 
 BATCH_ROWS = 4096
 FORMAT_ALIASES = {"wds": "webdataset", "folder": "images"}
@@ -173,22 +173,22 @@ def _csv_schema(path: Path) -> pa.Schema:
 
 
 def _jsonl_schema(path: Path) -> pa.Schema:
-    reader = pajson.open_json(path, read_options=pajson.ReadOptions(block_size=1 << 20))
-    return reader.schema
+    return blocks.schema_growing(
+        path, lambda size: pajson.open_json(path, read_options=pajson.ReadOptions(block_size=size)).schema)
 
 
 def _read_csv(manifest: Manifest, batch_rows: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
     delimiter = "\t" if manifest.path.suffix.lower() == ".tsv" else ","
-    reader = pacsv.open_csv(
+    reader = blocks.open_growing(manifest.path, lambda size: pacsv.open_csv(
         manifest.path,
-        read_options=pacsv.ReadOptions(block_size=1 << 20),
+        read_options=pacsv.ReadOptions(block_size=size),
         parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(
             column_types={name: pa.string() for name in manifest.schema.names},
             strings_can_be_null=False,
             include_columns=columns,
         ),
-    )
+    ))
     yield from _rebatch(reader, batch_rows)
 
 
@@ -206,11 +206,11 @@ def _read_images(manifest: Manifest, batch_rows: int, columns: list[str] | None)
 
 
 def _read_jsonl(manifest: Manifest, batch_rows: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
-    reader = pajson.open_json(
+    reader = blocks.open_growing(manifest.path, lambda size: pajson.open_json(
         manifest.path,
-        read_options=pajson.ReadOptions(block_size=1 << 20),
+        read_options=pajson.ReadOptions(block_size=size),
         parse_options=pajson.ParseOptions(explicit_schema=manifest.schema, unexpected_field_behavior="error"),
-    )
+    ))
     for batch in _rebatch(reader, batch_rows):
         yield batch.select(columns) if columns else batch
 

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from . import tokens
 from .config import JobConfig
 from .errors import ConfigError, InputRowError
-from .media import ImageRef, PreparedImage, parse_image_cell
+from .media import ImageRef, PreparedImage, parse_image_cell, too_many_images
 
 _FORMATTER = string.Formatter()
 
@@ -109,6 +109,7 @@ class RowRenderer:
         if not refs and error is None:
             columns = ", ".join(repr(c) for c in self.job.input.image_columns)
             error = InputRowError(f"row {key!r}: no image: the image column {columns} is empty; add an image reference")
+        error = error or too_many_images(key, refs)
         return RenderedRow(key=key, system=system, user=user, images=tuple(refs), error=error)
 
     def fingerprints(self, batch: pa.RecordBatch) -> np.ndarray:

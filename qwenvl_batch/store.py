@@ -51,8 +51,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import ipc
 
-from . import __version__
+from . import __version__, compaction
 from .currency import add_spend
+from .damage import SegmentReader, damaged_part, quarantine
 from .errors import ConfigError, JobError
 from .manifest import hash_ids, id_strings
 from .prompt import fingerprints_of
@@ -132,20 +133,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def iter_segment(path: Path) -> Iterator[pa.RecordBatch]:
-    """The complete record batches of a journal segment; a torn last batch (kill -9 mid-write) is dropped."""
-    count = 0
-    try:
-        with pa.OSFile(str(path), "rb") as source:
-            reader = ipc.open_stream(source)
-            while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    return
-                count += 1
-                yield batch
-    except (pa.ArrowInvalid, OSError) as exc:
-        log.warning("journal segment %s ends with a torn write (%s); kept %d complete batches", path, exc, count)
+    """The complete, valid record batches of a journal segment, up to any damage (damage.SegmentReader)."""
+    reader = SegmentReader(path)
+    yield from reader
+    if reader.damage:
+        log.warning("journal segment %s: %s; kept %d complete batches", path, reader.damage, reader.batches_read)
 
 
 def read_segment(path: Path, schema: pa.Schema) -> pa.Table:
@@ -302,6 +294,7 @@ class OutputStore:
         output written by an earlier version to the current columns. Call with the lock held."""
         if not self.exists():
             return
+        compaction.complete(self)  # issue 18: finish or undo a compaction a kill interrupted
         self._migrate_legacy_layout()
         self._check_meta()
         if self.tmp_dir.exists():
@@ -344,7 +337,10 @@ class OutputStore:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{self.meta_path} is damaged ({exc}); restore it, or delete it and run again "
                               "(the id column and columns are then read from the parts)") from None
-        return meta if isinstance(meta, dict) else {}
+        if not isinstance(meta, dict):
+            raise ConfigError(f"{self.meta_path} is damaged (not a JSON object); restore it, or delete it and run "
+                              "again (the id column and columns are then read from the parts)")
+        return meta
 
     def _check_meta(self) -> None:
         meta = self.read_meta()
@@ -359,7 +355,7 @@ class OutputStore:
                 f"Output {self.path} was written with id column {meta.get('id_column')!r}, this job uses "
                 f"{self.id_column!r}; use a new [output] path"
             )
-        if int(meta.get("schema_version", 1)) > SCHEMA_VERSION:
+        if _meta_version(meta, self.meta_path) > SCHEMA_VERSION:
             raise ConfigError(f"Output {self.path} was written by a newer qwenvl-batch ({meta.get('updated_by')}); "
                               "upgrade qwenvl-batch to resume it")
 
@@ -433,22 +429,34 @@ class OutputStore:
         log.info("upgraded %d part(s) of %s to schema version %d", len(parts), self.path, SCHEMA_VERSION)
 
     def _fold_segment(self, seq: int, segment: Path) -> None:
-        """Journal segment → part with the same number, then drop the segment (safe to repeat after a crash)."""
+        """Journal segment → part with the same number, then drop the segment (safe to repeat after a crash).
+
+        A damaged segment (damage.py) gives its rows up to the damage, and is then quarantined, not deleted."""
+        reader = SegmentReader(segment, self.schema)
         if not self.part_path(seq).exists():
-            self._write_part(iter_segment(segment), seq)
-        segment.unlink()
+            self._write_part(reader, seq)
+        else:
+            for _ in reader:  # folded before a crash: only whether it is damaged is still needed
+                pass
+        if reader.damage:
+            quarantine(self.state_dir, segment, f"journal segment {reader.damage}")
+        else:
+            segment.unlink()
         _fsync_dir(self.journal_dir)
 
-    def _write_part(self, batches: Iterable[pa.RecordBatch], seq: int, *, replace: bool = False) -> Path | None:
+    def _write_part(self, batches: Iterable[pa.RecordBatch], seq: int, *, replace: bool = False,
+                    folder: Path | None = None) -> Path | None:
         """Write batches as part ``seq``, streamed in row groups (memory: one row group, whatever the part's size);
-        temporary file in the state folder, fsync, atomic rename. Nothing is written for no rows."""
-        final = self.part_path(seq)
+        temporary file in the state folder, fsync, atomic rename. Nothing is written for no rows. ``folder``:
+        another folder than the output's (compaction builds the next generation there)."""
+        final = self.part_path(seq) if folder is None else folder / self.part_path(seq).name
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp_dir / f"part-{seq:06d}.parquet.tmp"
         schema = self.schema.with_metadata({PART_META_KEY: json.dumps(
             {"id_column": self.id_column, "schema_version": SCHEMA_VERSION}).encode()})
         rows = 0
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        # page checksums: a flipped bit in a part is an error naming the part, not a silently altered id (issue 18)
+        with pq.ParquetWriter(tmp, schema, compression="zstd", write_page_checksum=True) as writer:
             for group in _row_groups(batches, self.schema, ROW_GROUP_ROWS):
                 writer.write_table(group.replace_schema_metadata(schema.metadata))
                 rows += group.num_rows
@@ -458,7 +466,7 @@ class OutputStore:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, final)
-        _fsync_dir(self.path)
+        _fsync_dir(final.parent)
         return final
 
     # -- reading --------------------------------------------------------------------------------------------
@@ -474,8 +482,13 @@ class OutputStore:
             fingerprints.append(fingerprints_of(table.column("fingerprint")))
             add_spend(costs, table.column("cost"), table.column("currency"))
             simulated += int(pc.sum(table.column("simulated").cast(pa.int64())).as_py() or 0)
+        superseded = compaction.read_superseded(self.state_dir)  # rows compaction dropped were paid for too
+        for currency, amount in superseded.costs.items():
+            costs[currency] = costs.get(currency, 0.0) + amount
+        simulated += superseded.simulated
         if not hashes:
-            return ResumeIndex(np.empty(0, np.uint64), np.empty(0, bool), np.empty(0, np.uint64))
+            return ResumeIndex(np.empty(0, np.uint64), np.empty(0, bool), np.empty(0, np.uint64),
+                               committed_costs=costs, simulated=simulated)
         all_hashes = np.concatenate(hashes)
         # newest wins: a stable sort keeps file order within equal hashes, so the last of each run is the newest
         order = np.argsort(all_hashes, kind="stable")
@@ -497,12 +510,29 @@ class OutputStore:
         wanted = None if columns is None else [self.id_column, *columns]
         for _, part in self.parts():
             present = _read_part_schema(part).names
-            table = pq.read_table(part, columns=[c for c in wanted if c in present] if wanted else None)
+            table = self._read_part(part, [c for c in wanted if c in present] if wanted else None)
             yield _with_columns(table, wanted) if wanted else table
         for _, segment in self.segments():
-            table = read_segment(segment, self.schema) if self.schema.names else \
-                pa.Table.from_batches(list(iter_segment(segment)))
+            batches = list(iter_segment(segment))
+            if not batches:  # empty (0 bytes, only a header) or unreadable from its start: nothing committed
+                continue
+            try:
+                table = pa.Table.from_batches([conform(b, self.schema) for b in batches], schema=self.schema) \
+                    if self.schema.names else pa.Table.from_batches(batches)
+            except (pa.ArrowException, ValueError) as exc:  # columns a damaged header renamed or retyped
+                log.warning("journal segment %s does not match the output's columns (%s); skipped", segment, exc)
+                continue
+            if wanted and self.id_column not in table.column_names:
+                log.warning("journal segment %s has no id column %r; skipped", segment, self.id_column)
+                continue
             yield _with_columns(table, wanted) if wanted else table
+
+    def _read_part(self, part: Path, columns: list[str] | None) -> pa.Table:
+        """One part's table; a damaged one is a one-line ConfigError naming it and the fix (damage.py)."""
+        try:
+            return pq.read_table(part, columns=columns, page_checksum_verification=True)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise damaged_part(part, self.state_dir, exc) from None
 
     # -- writing --------------------------------------------------------------------------------------------
     def writer(self, on_error: Callable[[BaseException], None] | None = None) -> ResultWriter:
@@ -518,7 +548,7 @@ class OutputStore:
             return
         hashes, seqs = [], []
         for seq, part in parts:
-            ids = pq.read_table(part, columns=[self.id_column]).column(self.id_column)
+            ids = self._read_part(part, [self.id_column]).column(self.id_column)
             hashes.append(hash_ids(id_strings(ids)))
             seqs.append(np.full(len(ids), seq, dtype=np.int64))
         all_seqs = np.concatenate(seqs)
@@ -530,22 +560,7 @@ class OutputStore:
         if not rewrite:
             return
         keep = {seq: ~superseded[all_seqs == seq] for seq in rewrite}
-        seq = self.next_seq()
-        for chunk in _chunks_of(self._kept_batches(rewrite, keep), target_rows):
-            if self._write_part(chunk, seq) is not None:
-                seq += 1
-        for old in rewrite:
-            self.part_path(old).unlink()
-        _fsync_dir(self.path)
-
-    def _kept_batches(self, seqs: list[int], keep: dict[int, np.ndarray]) -> Iterator[pa.RecordBatch]:
-        """The rows of these parts that are not superseded, batch by batch."""
-        for seq in seqs:
-            offset = 0
-            for batch in pq.ParquetFile(self.part_path(seq)).iter_batches(batch_size=ROW_GROUP_ROWS):
-                mask = keep[seq][offset: offset + batch.num_rows]
-                offset += batch.num_rows
-                yield batch.filter(pa.array(mask))
+        compaction.compact(self, rewrite, keep, target_rows)  # a new generation, switched in at once
 
 
 def _superseded(hashes: np.ndarray) -> np.ndarray:
@@ -598,9 +613,17 @@ def _read_part_schema(part: Path) -> pa.Schema:
     """A part's schema; a damaged part is a ConfigError naming the file and the fix."""
     try:
         return pq.read_schema(part)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ConfigError(f"{part} is damaged ({exc}); move it aside (its rows are then sent again) and "
-                          "run again") from None
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise damaged_part(part, state_dir_for(part.parent), exc) from None
+
+
+def _meta_version(meta: dict[str, Any], path: Path) -> int:
+    """job.json's schema version; a value that is not a number is a damaged file (ConfigError naming it)."""
+    try:
+        return int(meta.get("schema_version", 1))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path} is damaged (schema_version {meta.get('schema_version')!r}); restore it, or "
+                          "delete it and run again (the id column and columns are then read from the parts)") from None
 
 
 def _part_schema_version(part: Path) -> int:
@@ -817,13 +840,21 @@ def open_for_reading(path: str | Path) -> OutputStore:
     meta = probe.read_meta()
     legacy = folder / "_job.json"
     if not meta and legacy.exists():
-        meta = json.loads(legacy.read_text())
+        try:
+            meta = json.loads(legacy.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{legacy} is damaged ({exc}); restore it, or delete it (the id column is then read "
+                              "from the parts)") from None
+        meta = meta if isinstance(meta, dict) else {}
         probe.journal_dir = folder / "_journal"
     id_column = meta.get("id_column")
     if not id_column:
         parts = probe.parts()
         raw = (_read_part_schema(parts[0][1]).metadata or {}).get(PART_META_KEY) if parts else None
-        id_column = json.loads(raw).get("id_column") if raw else None
+        try:
+            id_column = json.loads(raw).get("id_column") if raw else None
+        except (ValueError, AttributeError):
+            id_column = None
     if not id_column:
         raise ConfigError(f"{folder} is not a qwenvl-batch output folder (no {probe.meta_path}, and no part "
                           "says which column is the id)")

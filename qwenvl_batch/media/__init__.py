@@ -18,7 +18,7 @@ The names the rest of the package uses are re-exported here (``from qwenvl_batch
 from .prepare import ImageInfo, PreparedImage, prepare_image, probe_image
 from .redact import redact_cell, redact_data_url, redacted_columns, stored_schema
 from .refs import ImageRef, RefKind, image_ref, parse_image_cell
-from .rules import MAX_ASPECT_RATIO, MAX_DATA_URL_CHARS, MIN_SIDE_PX, SIDES_4K, SIDES_8K
+from .rules import MAX_ASPECT_RATIO, MAX_DATA_URL_CHARS, MIN_SIDE_PX, SIDES_4K, SIDES_8K, too_many_images
 from .sources import DataUrl, ImageSource, InlineBytes, LocalFile, RemoteUrl, TarMember
 from .transcode import ResizePolicy
 
@@ -47,4 +47,5 @@ __all__ = [
     "redact_data_url",
     "redacted_columns",
     "stored_schema",
+    "too_many_images",
 ]

@@ -20,10 +20,13 @@ from typing import IO
 
 from PIL import Image
 
+from ..errors import InputRowError
 from .refs import ImageRef
 from .rules import (
     _LARGE_OK_FORMATS,
     _SHORTEST_PREFIX,
+    JPEG_HEADER_BYTES,
+    MAX_READ_BYTES,
     SIDES_4K,
     SIDES_8K,
     _accepted_mime,
@@ -37,6 +40,7 @@ from .rules import (
     _exceeds,
     _input_error,
     _open_image,
+    _too_large_to_read,
     _unreadable,
     _validate_data_url,
 )
@@ -102,7 +106,10 @@ def _prepare_bytes(ref: ImageRef, resize: ResizePolicy | None) -> PreparedImage:
     size = _source_size(ref)
     if resize is None:  # the upload will be the bytes themselves: refuse them before reading them
         _check_encoded_size(ref, size, _SHORTEST_PREFIX)
+    if size > MAX_READ_BYTES:  # stat first: a 64 GB file is refused without reading a byte of it
+        raise _too_large_to_read(ref, size)
     data = _read_bytes(ref)
+    _check_jpeg_header(ref, data)
     with _open_image(ref, io.BytesIO(data), head=data[:64]) as im:
         image_format = im.format or "?"
         mime = _accepted_mime(ref, image_format)
@@ -173,10 +180,16 @@ def probe_image(ref: ImageRef, resize: ResizePolicy | None = None) -> ImageInfo 
     if ref.kind == "data":
         return _probe_data_url(ref)
     size = _source_size(ref)
+    if size > MAX_READ_BYTES:  # the run would refuse it unread: so does the estimate
+        raise _too_large_to_read(ref, size)
     try:
         with _head(ref) as handle:
             head = handle.read(64)
             handle.seek(0)
+            if head.startswith(_JPEG_SOI):  # read the header from a bounded copy (see _check_jpeg_header)
+                prefix = handle.read(JPEG_HEADER_BYTES + 1)
+                _check_jpeg_header(ref, prefix)
+                handle = io.BytesIO(prefix[:JPEG_HEADER_BYTES])
             with _open_image(ref, handle, head=head) as im:
                 image_format = im.format or "?"
                 width, height = im.size
@@ -222,17 +235,46 @@ def _source_size(ref: ImageRef) -> int:
         ) from exc
     except OSError as exc:
         raise _unreadable(ref, exc) from exc
+    except ValueError as exc:  # a path the OS cannot take (refs.py refuses NUL bytes; this is the last guard)
+        raise _input_error(ref, f"the path cannot be used ({exc})", "correct the path in the manifest",
+                           code="bad_path") from exc
     if size == 0:
         raise _input_error(ref, "the image is empty (0 bytes)", "re-export or re-download the image", code="empty_file")
     return size
 
 
-def _read_bytes(ref: ImageRef) -> bytes:
-    """All the bytes in one call, which opens and closes what it reads; an empty read is still empty."""
+_JPEG_SOI = b"\xff\xd8"
+
+
+def _check_jpeg_header(ref: ImageRef, data: bytes) -> None:
+    """A JPEG must show its frame header within ``JPEG_HEADER_BYTES``: identify it from that bounded prefix first.
+
+    Pillow scans JPEG marker segments one by one in Python; a JPEG start followed by a gigabyte of tiny junk
+    segments kept a worker busy for minutes. When the prefix identifies, the full open stops at the same place.
+    """
+    if not data.startswith(_JPEG_SOI) or len(data) <= JPEG_HEADER_BYTES:
+        return
     try:
-        data = ref.source.read()
+        with _open_image(ref, io.BytesIO(data[:JPEG_HEADER_BYTES]), head=data[:64]):
+            return
+    except InputRowError as exc:
+        raise _input_error(
+            ref,
+            f"no JPEG frame header within its first {JPEG_HEADER_BYTES // 2**20} MB (junk or a damaged file)",
+            "re-export or re-download the file, or remove the row",
+            code="corrupt_image",
+        ) from exc
+
+
+def _read_bytes(ref: ImageRef) -> bytes:
+    """The bytes in one call, which opens and closes what it reads, never more than ``MAX_READ_BYTES + 1``
+    of them (a file that grew after its size was checked is refused, not read whole); empty is still empty."""
+    try:
+        data = ref.source.read_at_most(MAX_READ_BYTES)
     except OSError as exc:
         raise _unreadable(ref, exc) from exc
+    if len(data) > MAX_READ_BYTES:
+        raise _too_large_to_read(ref, len(data))
     if not data:
         raise _input_error(ref, "the image is empty (0 bytes)", "re-export or re-download the image", code="empty_file")
     return data

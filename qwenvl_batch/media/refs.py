@@ -140,7 +140,8 @@ def image_ref(value: str, *, column: str, base_dir: Path) -> ImageRef:
             raise _cell_error(column, f"the URL {_shorten(text)!r} has no host", "write it as https://host/path")
         return ImageRef(kind="url", value=text, column=column)
     if lowered.startswith("file://"):
-        return ImageRef(kind="path", value=text, column=column, path=_file_url_path(text, column))
+        path = _usable(_file_url_path(text, column), text, column)
+        return ImageRef(kind="path", value=text, column=column, path=path)
     scheme = _SCHEME_RE.match(text)
     if scheme:
         raise _cell_error(
@@ -149,7 +150,27 @@ def image_ref(value: str, *, column: str, base_dir: Path) -> ImageRef:
             "use a local path, a public http(s) URL (for cloud storage: a presigned URL) or a data: URL",
             code="unsupported_url",
         )
-    return ImageRef(kind="path", value=text, column=column, path=_resolve(Path(text).expanduser(), base_dir))
+    return ImageRef(kind="path", value=text, column=column,
+                    path=_usable(_resolve(Path(_checked_text(text, column)).expanduser(), base_dir), text, column))
+
+
+def _checked_text(text: str, column: str) -> str:
+    """A path string the OS can take: a NUL byte would make every later ``stat``/``open`` raise ValueError."""
+    if "\x00" in text:
+        raise _cell_error(column, f"the path {_shorten(text)!r} contains a NUL byte, which no "
+                          "file name can hold", "correct the path in the manifest", code="bad_path")
+    return text
+
+
+def _usable(path: Path, text: str, column: str) -> Path:
+    """The resolved path, refused as a row error when the OS cannot be given it (NUL byte, unencodable text)."""
+    _checked_text(str(path), column)
+    try:
+        os.fsencode(path)
+    except (UnicodeEncodeError, ValueError) as exc:
+        raise _cell_error(column, f"the path {_shorten(text)!r} cannot be used as a file name ({exc})",
+                          "correct the path in the manifest", code="bad_path") from None
+    return path
 
 
 def _cell_values(cell: object, column: str) -> list[str]:

@@ -14,6 +14,7 @@ import binascii
 import io
 import logging
 import math
+from collections.abc import Sequence
 from typing import IO
 
 from PIL import Image, UnidentifiedImageError
@@ -41,6 +42,15 @@ MAX_DATA_URL_CHARS = 10_485_760
 MIN_SIDE_PX = 10
 """Smallest accepted width or height; 9×9 is refused with a 400, 10×10 is accepted (reference §1.4, §2.1)."""
 MAX_ASPECT_RATIO = 200
+# The most bytes read into memory for one image (files are stat-ed first and refused above it), so one huge or
+# hostile file costs a row, not the job's memory: 100 MiB holds an uncompressed 8K RGB TIFF (7680×4320×3).
+MAX_READ_BYTES = 100 * 2**20
+# A JPEG's header (everything before its first frame) must fit in this many bytes: Pillow walks JPEG marker
+# segments in Python, so a header followed by megabytes of tiny junk segments would otherwise take minutes.
+JPEG_HEADER_BYTES = 4 * 2**20
+# Images in one request: the provider takes at most 250 base64 images (256 by URL) per request (facts §2.1).
+MAX_IMAGES_PER_REQUEST = 250
+MAX_URL_IMAGES_PER_REQUEST = 256
 """Largest accepted long side / short side (reference §1.3, §2.1)."""
 SIDES_4K = (3840, 2160)
 """Above 4K (long side, short side) the provider accepts only JPEG and PNG (reference §2.1)."""
@@ -293,6 +303,30 @@ def _decoded_length(payload: str) -> int:
     stripped = payload.rstrip("=")
     return len(stripped) * 3 // 4
 
+
+
+def too_many_images(key: str, refs: Sequence[ImageRef]) -> InputRowError | None:
+    """A row error when a row's images exceed what the provider takes in one request (250 base64, 256 by URL),
+    found before anything is read or sent: 10^5 images in one cell went out as one 97 MB request."""
+    limit = MAX_URL_IMAGES_PER_REQUEST if all(ref.kind == "url" for ref in refs) else MAX_IMAGES_PER_REQUEST
+    if len(refs) <= limit:
+        return None
+    return InputRowError(
+        f"row {key!r}: {len(refs):,} images in one row; the provider takes at most {limit} images per request "
+        f"({MAX_IMAGES_PER_REQUEST} inline, {MAX_URL_IMAGES_PER_REQUEST} by URL). Fix: split the row into rows of "
+        f"at most {limit} images.",
+        code="too_many_images",
+    )
+
+
+def _too_large_to_read(ref: ImageRef, file_bytes: int) -> InputRowError:
+    """The read cap's message: the size, the cap, and the fix (never read, so memory stays bounded)."""
+    return _input_error(
+        ref,
+        f"the file is {file_bytes / 2**20:,.1f} MB; at most {MAX_READ_BYTES / 2**20:,.0f} MB are read for one image",
+        "downscale or recompress the image (the provider works within 8K anyway), or remove the row",
+        code="too_large",
+    )
 
 
 def _input_error(ref: ImageRef, reason: str, fix: str, *, code: str) -> InputRowError:

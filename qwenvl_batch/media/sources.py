@@ -43,6 +43,11 @@ class ImageSource(ABC):
         """A binary stream positioned at the start, for a header read (Pillow reads only what it needs)."""
         return io.BytesIO(self.read())
 
+    def read_at_most(self, limit: int) -> bytes:
+        """The image's bytes, but never more than ``limit + 1`` of them held in memory: a caller that gets more
+        than ``limit`` knows the image is over its cap (a file that grew after its size was checked)."""
+        return self.read()
+
     @abstractmethod
     def digest(self) -> str:
         """A content identity for fingerprints: editing the image changes it."""
@@ -62,6 +67,10 @@ class LocalFile(ImageSource):
 
     def read(self) -> bytes:
         return self.path.read_bytes()
+
+    def read_at_most(self, limit: int) -> bytes:
+        with self.path.open("rb") as handle:
+            return handle.read(limit + 1)
 
     def head(self) -> IO[bytes]:
         return self.path.open("rb")
