@@ -68,7 +68,8 @@ def expand_files(pattern: Path) -> list[Path]:
         if is_glob(item):
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
-                raise ConfigError(f"[input] path {item!r} matches no file; check the pattern (relative to the job file)")
+                raise ConfigError(f"[input] path {item!r} matches no file; "
+                                  "check the pattern (relative to the job file)")
             files.extend(Path(m) for m in matches if os.path.isfile(m))
         elif not os.path.isfile(item):
             raise ConfigError(f"[input] path {pattern}: {item} does not exist (or is not a file); fix the path or "

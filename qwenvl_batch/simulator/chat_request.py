@@ -176,7 +176,8 @@ def check_model(model: object, state: SimulatorState) -> str:
     """The requested model name, or 400 (missing) / 404 model_not_found (unknown)."""
     if not isinstance(model, str) or not model:
         raise _bad_request("Model not specified.", code="invalid_parameter_error")
-    if state.config.accept_any_model or state.persona.accept_any_model or model in state.models or _strip_region(model) in state.models:
+    accepts_any = state.config.accept_any_model or state.persona.accept_any_model
+    if accepts_any or model in state.models or _strip_region(model) in state.models:
         return model
     raise SimError(
         404, "model_not_found", f"The model `{model}` does not exist or you do not have access to it.",
