@@ -24,6 +24,7 @@ from qwenvl_batch.simulator.state import STATE_KEY
 KINDS = (
     "ok", "bad_json", "deep_json", "usage_wrong_type", "usage_huge", "usage_negative", "surrogate", "gzip_bomb",
     "sse_bad_chunk", "sse_no_done", "echo_auth", "echo_auth_401", "retry_after_once",
+    "ratelimit_tiny",
 )
 BOMB_BYTES = 1024**3  # what the gzip bomb inflates to (its body on the wire is ~1 MB)
 _MARK = re.compile(r"HOSTILE:(\w+)")
@@ -109,6 +110,10 @@ async def _plain(server: HostileServer, request: web.Request, kind: str, row: st
     if kind == "retry_after_once" and server.asked[(row, kind)] == 1:
         return web.json_response({"error": {"message": "slow down", "code": "rate_limit"}}, status=429,
                                  headers={"Retry-After": "999999", "retry-after-ms": "1e12"})
+    if kind == "ratelimit_tiny":  # states limits under which no request would ever be admitted again
+        return web.json_response(_completion(f"answer for {row}", GOOD_USAGE), headers={
+            "x-ratelimit-limit-requests": "1e-9", "x-ratelimit-limit-tokens": "nan",
+            "llm_provider-x-ratelimit-limit-tokens": "1e-300"})
     return web.json_response(_completion(f"answer for {row}", GOOD_USAGE))
 
 

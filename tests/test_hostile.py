@@ -194,6 +194,15 @@ def test_huge_retry_after_and_backoff_are_capped_by_the_retry_budget(tmp_path: P
     assert elapsed < 8, f"the run took {elapsed:.1f}s"
 
 
+def test_stated_rate_limits_that_admit_nothing_are_ignored(tmp_path: Path, hostile: HostileServer) -> None:
+    """x-ratelimit-limit-requests: 1e-9 (and NaN / 1e-300 token limits) in an answer: the later rows are not
+    held back by a limit under which no request would ever be admitted."""
+    job = _job(tmp_path, hostile, "ratelimit_tiny", rows=6, limits={"concurrency": 1})
+    started = time.monotonic()
+    summary = run_job(job)
+    assert summary.ok == 6 and time.monotonic() - started < 15
+
+
 @pytest.mark.parametrize(("wait", "budget", "elapsed", "expected"), [
     (999999.0, 20.0, 5.0, 15.0),
     (1e9, 20.0, 0.0, 20.0),
