@@ -22,6 +22,7 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError, Interrupted, JobError
+from .redact import install_log_redaction, redact
 
 EXIT_OK, EXIT_JOB, EXIT_CONFIG = 0, 1, 2
 
@@ -190,7 +191,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         summary = run_job(job)
     except JobError as exc:
         _print_summary(exc.summary)
-        print(f"\nqwenvl-batch: stopped: {exc}", file=sys.stderr)
+        print(f"\nqwenvl-batch: stopped: {redact(str(exc))}", file=sys.stderr)  # issue 18: no secret on screen
         print(f"Committed results are kept in {job.output.path}. To continue, fix the cause and run again:\n"
               f"  {_rerun_command()}", file=sys.stderr)
         if isinstance(exc, Interrupted):
@@ -203,11 +204,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _print_summary(summary: object | None) -> None:
     lines = getattr(summary, "lines", None)
     if lines is not None:
-        print("\n".join(lines()))
+        print(redact("\n".join(lines())))
 
 
 def _rerun_command() -> str:
-    return " ".join(shlex.quote(part) for part in ["qwenvl-batch", *sys.argv[1:]])
+    return redact(" ".join(shlex.quote(part) for part in ["qwenvl-batch", *sys.argv[1:]]))  # no password echoed
 
 
 def _add_batches(commands: argparse._SubParsersAction) -> None:
@@ -320,6 +321,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _configure_logging(verbose: int) -> None:
     """Warnings from everything; -v: this project's debug lines only; -vv: the HTTP stack's too (never Pillow's)."""
+    install_log_redaction()  # issue 18: keys and URL credentials never reach a log line
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_qwenvl_batch", False)]:
         root.removeHandler(old)  # main() called again in one process (tests, a notebook): one handler, not two
@@ -329,9 +331,8 @@ def _configure_logging(verbose: int) -> None:
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("qwenvl_batch").setLevel(logging.DEBUG if verbose else logging.NOTSET)
-    if verbose >= 2:
-        for chatty in ("httpx", "httpcore", "openai", "aiohttp.client"):
-            logging.getLogger(chatty).setLevel(logging.DEBUG)
+    for chatty in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "aiohttp.client"):  # openai>=3: httpx2
+        logging.getLogger(chatty).setLevel(logging.DEBUG if verbose >= 2 else logging.NOTSET)  # reset after -vv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ConfigError as exc:
-        print(f"qwenvl-batch: error: {exc}", file=sys.stderr)
+        print(f"qwenvl-batch: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130

@@ -18,13 +18,22 @@ from typing import Any
 import openai
 
 from . import tokens
-from .config import JobConfig
+from .config import SIMULATOR_API_KEY, JobConfig
 from .errors import ConfigError
 from .policy import (
     InvalidResponseError,
     PartialResponseError,
     StreamCutError,
     proxy_retries,
+)
+from .redact import register_secret, split_url_credentials
+from .response_guard import (
+    ABSOLUTE_MAX_TOKENS,
+    GuardedTransport,
+    clean_text,
+    join_warnings,
+    raw_usage_text,
+    token_count,
 )
 
 try:  # openai>=3 ships its HTTP stack as httpx2; older releases use httpx
@@ -53,6 +62,7 @@ class Completion:
     usage_estimated: bool = False  # the server sent no usage: the token counts are the runner's estimate
     proxy_retries: int = 0  # upstream attempts a proxy made on its own first (x-litellm-attempted-retries)
     headers: Mapping[str, str] = field(default_factory=dict)  # rate-limit headers only, names lower-cased
+    warning: str | None = None  # what was wrong with the answer and repaired (usage_invalid=…, text_sanitized)
 
 
 class ChatClient:
@@ -63,13 +73,22 @@ class ChatClient:
         self.job = job
         self.stream = job.model.streams
         self._total_timeout_s = limits.timeout_s
+        register_secret(api_key)  # redacted from every message, stored column and log line from now on
+        url, credentials = split_url_credentials(base_url or job.model.endpoint)
+        if credentials is not None and api_key not in ("EMPTY", SIMULATOR_API_KEY):
+            raise ConfigError(
+                "[model] base_url carries credentials (user:password@) and an API key is set too: a request can "
+                "carry only one Authorization header. Remove the credentials from base_url, or unset "
+                f"{job.model.api_key_env} (with api_key_optional = true) to send them as HTTP Basic auth.")
         self._client = openai.AsyncOpenAI(
             api_key=api_key,
-            base_url=base_url or job.model.endpoint,
+            base_url=url,
             max_retries=0,
             timeout=openai.Timeout(limits.timeout_s, connect=limits.connect_timeout_s,
                                    read=limits.stream_idle_timeout_s if self.stream else limits.timeout_s),
             http_client=_http_client(limits.http_client, limits.concurrency + 8),
+            # URL credentials become the Basic auth header on both transports (aiohttp refuses them in the URL)
+            default_headers={"Authorization": credentials} if credentials else None,
         )
         self._params = _request_params(job)
 
@@ -85,6 +104,14 @@ class ChatClient:
                 return await self._complete_plain(messages)
         except TimeoutError:
             raise openai.APITimeoutError(request=httpx.Request("POST", str(self._client.base_url))) from None
+        except RecursionError:
+            raise InvalidResponseError("the answer's JSON is nested too deeply to read (a broken or hostile "
+                                       "server)") from None
+        except Exception as exc:
+            unusable = _unusable_answer(exc)
+            if unusable is not None:
+                raise unusable from None
+            raise
 
     async def _complete_plain(self, messages: list[dict[str, Any]]) -> Completion:
         raw = await self._client.chat.completions.with_raw_response.create(messages=messages, **self._params)
@@ -129,6 +156,8 @@ class ChatClient:
                         content.append(delta.content or "")
                         reasoning.append(_extra(delta, "reasoning_content") or "")
                     finish_reason = choice.finish_reason or finish_reason
+                if finish_reason is not None and usage is not None:
+                    break  # complete: what may follow is keep-alives and "[DONE]", never worth a timeout
         except (httpx.TimeoutException, openai.APITimeoutError):
             if finish_reason is None or usage is None:
                 raise openai.APITimeoutError(request=raw.http_request) from None
@@ -166,8 +195,30 @@ def _http_client(kind: str, connections: int) -> Any:
     if kind == "aiohttp":
         if aiohttp_client is None:
             raise ConfigError("[limits] http_client = 'aiohttp' needs a newer openai package (pip install -U openai)")
-        return aiohttp_client(limits=pool)
-    return openai.DefaultAsyncHttpxClient(limits=pool)
+        return _guarded(aiohttp_client(limits=pool))
+    return _guarded(openai.DefaultAsyncHttpxClient(limits=pool))
+
+
+def _guarded(client: Any) -> Any:
+    """Every transport of the client (proxy mounts too) bounded by response_guard.GuardedTransport."""
+    client._transport = GuardedTransport(client._transport)
+    client._mounts = {pattern: GuardedTransport(t) if t is not None else None
+                      for pattern, t in client._mounts.items()}
+    return client
+
+
+def _unusable_answer(exc: BaseException) -> InvalidResponseError | None:
+    """The answer-level failure inside an SDK wrapper (a body over the size bound, too deeply nested), if any."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 12:
+        if isinstance(current, InvalidResponseError) and current is not exc:
+            return current
+        if isinstance(current, RecursionError):
+            return InvalidResponseError("the answer's JSON is nested too deeply to read")
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _request_params(job: JobConfig) -> dict[str, Any]:
@@ -210,27 +261,54 @@ def rate_limit_headers(headers: Mapping[str, str]) -> dict[str, str]:
 def _completion(*, content: str, reasoning: str | None, finish_reason: str | None, model: str | None,
                 usage: Any, request_id: str | None, proxy_retries: int = 0,
                 headers: Mapping[str, str] | None = None) -> Completion:
+    """The attempt's result, checked for storage: text without lone surrogates, usage only when it is sane
+    (otherwise none, so the runner estimates it, and the raw usage goes to ``warning``)."""
+    texts = {name: clean_text(value) for name, value in (("content", content), ("reasoning", reasoning),
+                                                         ("finish_reason", finish_reason), ("model", model),
+                                                         ("request_id", request_id))}
+    sanitized = any(changed for _, changed in texts.values())
+    usage, usage_warning = _sane_usage(usage)
+    content, reasoning = texts["content"][0] or "", texts["reasoning"][0]
     prompt_details = _extra(usage, "prompt_tokens_details") if usage else None
     completion_details = _extra(usage, "completion_tokens_details") if usage else None
-    completion_tokens = getattr(usage, "completion_tokens", None) if usage else None
+    completion_tokens = _count(usage, "completion_tokens")
     reasoning_tokens = _detail(completion_details, "reasoning_tokens")
     if reasoning_tokens is None and reasoning and completion_tokens is not None:
         reasoning_tokens = _reasoning_tokens(reasoning, completion_tokens, _detail(completion_details, "text_tokens"))
     return Completion(
         content=content,
         reasoning=reasoning,
-        finish_reason=finish_reason,
-        model=model,
-        prompt_tokens=getattr(usage, "prompt_tokens", None) if usage else None,
+        finish_reason=texts["finish_reason"][0],
+        model=texts["model"][0],
+        prompt_tokens=_count(usage, "prompt_tokens"),
         completion_tokens=completion_tokens,
-        total_tokens=getattr(usage, "total_tokens", None) if usage else None,
+        total_tokens=_count(usage, "total_tokens"),
         reasoning_tokens=reasoning_tokens if reasoning_tokens is not None else (0 if usage and not reasoning else None),
         cached_tokens=_detail(prompt_details, "cached_tokens"),
         image_tokens=_detail(prompt_details, "image_tokens"),
-        request_id=request_id,
+        request_id=texts["request_id"][0],
         proxy_retries=proxy_retries,
         headers=dict(headers or {}),
+        warning=join_warnings(usage_warning, "text_sanitized=lone surrogates or non-text replaced" if sanitized
+                              else None),
     )
+
+
+def _sane_usage(usage: Any) -> tuple[Any, str | None]:
+    """(usage, None) when its counts are non-negative integers within the sane bound (``response_guard``), else
+    (None, ``usage_invalid=<raw usage>``): the runner then estimates it, for the limiter, the cost and the cap."""
+    if not usage:
+        return None, None
+    bound = ABSOLUTE_MAX_TOKENS
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        value = getattr(usage, name, None)
+        if value is not None and token_count(value, bound) is None:
+            return None, f"usage_invalid={raw_usage_text(usage)}"
+    return usage, None
+
+
+def _count(usage: Any, name: str) -> int | None:
+    return token_count(getattr(usage, name, None), ABSOLUTE_MAX_TOKENS) if usage else None
 
 
 def _reasoning_tokens(reasoning: str, completion_tokens: int, text_tokens: int | None) -> int:
@@ -248,4 +326,4 @@ def _detail(details: Any, name: str) -> int | None:
     if details is None:
         return None
     value = details.get(name) if isinstance(details, dict) else _extra(details, name)
-    return int(value) if isinstance(value, (int, float)) else None
+    return token_count(value, ABSOLUTE_MAX_TOKENS)

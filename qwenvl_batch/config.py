@@ -42,7 +42,8 @@ BATCH_CHAT_BASE_URL = "https://batch.dashscope.aliyuncs.com/compatible-mode/v1" 
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: ``timeout_s = inf`` or ``nan`` is a config error naming the key, never a traceback later
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class InputConfig(_Section):
@@ -160,8 +161,9 @@ class LimitsConfig(_Section):
     """How hard to push: concurrency, rate limits, retries, timeouts."""
 
     concurrency: int = Field(default=16, ge=1, le=4096)
-    requests_per_minute: float | None = Field(default=None, gt=0)
-    tokens_per_minute: float | None = Field(default=None, gt=0)
+    # Floors: below them a request would wait hours to be admitted, so the run would hang silently (rpm = 1e-9).
+    requests_per_minute: float | None = Field(default=None, ge=1 / 60)  # at least one request an hour
+    tokens_per_minute: float | None = Field(default=None, ge=100)  # one small image request (~100 tokens) a minute
     max_attempts: int = Field(default=6, ge=1, le=100)
     max_retry_time_s: float = Field(default=600.0, gt=0)
     timeout_s: float = Field(default=180.0, gt=0)

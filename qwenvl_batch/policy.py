@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import email.utils
 import errno
+import math
 import os
 import random
 import re
@@ -125,6 +126,9 @@ _NO_RETRY_500 = ("missing content-length of multimodal url",)
 _VALIDATION_500 = ("validation error", "int_parsing", "traceback (most recent call last)", "pydantic",
                    "error in preprocessing prompt inputs", "input should be a valid", "field required")
 MEDIA_DOWNLOAD_ATTEMPTS = 3
+# A 200 whose body cannot be used (invalid JSON or SSE, too large, too deep) was probably billed: two retries (a
+# proxy's glitch), then the row records it, so neither this run nor a re-run buys it again and again.
+UNUSABLE_ANSWER_ATTEMPTS = 3
 UNEXPECTED_ATTEMPTS = 2  # an exception nobody expected: one more try, then the row records it
 _CONNECT_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL,
                    errno.ECONNABORTED, errno.EHOSTDOWN, errno.ENETDOWN}
@@ -147,13 +151,14 @@ def _classify(exc: BaseException) -> Decision:
         return Decision(Action.RETRY, "server", "stream_cut", message=str(exc), answered=True)
     if isinstance(exc, PartialResponseError):
         return Decision(Action.RETRY, "server", "partial_response", message=str(exc), answered=True)
-    if isinstance(exc, (InvalidResponseError, openai.APIResponseValidationError)):
-        return Decision(Action.RETRY, "server", "invalid_response", message=str(exc), answered=True)
+    if isinstance(exc, (InvalidResponseError, openai.APIResponseValidationError)):  # possibly billed: bounded
+        return Decision(Action.RETRY, "server", "invalid_response", message=str(exc), answered=True,
+                        max_attempts=UNUSABLE_ANSWER_ATTEMPTS)
     if isinstance(exc, openai.APIError):  # no HTTP status: an error event inside a 200 stream
         return _stream_error(exc)
     if isinstance(exc, (ValueError, UnicodeError)):  # a body that does not decode (JSON, UTF-8)
         return Decision(Action.RETRY, "server", "invalid_response", message=f"the answer could not be decoded: "
-                        f"{type(exc).__name__}: {exc}", max_attempts=MEDIA_DOWNLOAD_ATTEMPTS)
+                        f"{type(exc).__name__}: {exc}", max_attempts=UNUSABLE_ANSWER_ATTEMPTS, answered=True)
     return _unexpected(exc)
 
 
@@ -343,17 +348,24 @@ def retry_after(headers: Mapping[str, str], *, cap_s: float = 120.0, now: float 
     try:
         value = _header(headers, "retry-after-ms")
         if value is not None:
-            return min(max(float(value) / 1000.0, 0.0), cap_s)
+            return _capped(float(value) / 1000.0, cap_s)
         value = _header(headers, "retry-after")
         if value is None:
             return None
         try:
-            return min(max(float(value), 0.0), cap_s)
+            return _capped(float(value), cap_s)
         except ValueError:
             parsed = email.utils.parsedate_to_datetime(value)
-            return min(max(parsed.timestamp() - (now if now is not None else time.time()), 0.0), cap_s)
+            return _capped(parsed.timestamp() - (now if now is not None else time.time()), cap_s)
     except (TypeError, ValueError, OverflowError):
         return None
+
+
+def _capped(seconds: float, cap_s: float) -> float | None:
+    """A server's wait within ``[0, cap_s]``; NaN (``Retry-After: nan``) is no wait asked at all."""
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), cap_s)
 
 
 def proxy_retries(headers: Mapping[str, str]) -> int:

@@ -383,7 +383,7 @@ class RateController:
         """``x-ratelimit-limit-*`` (per minute) become known limits; ``x-ratelimit-remaining-*: 0`` cuts early."""
         for kind, axis in (("requests", self.requests), ("tokens", self.tokens)):
             limit = _header_number(headers, f"x-ratelimit-limit-{kind}")
-            if limit is not None and limit > 0:
+            if limit is not None and limit >= _LEAST_STATED[kind]:  # a hostile "1e-9" would stall every worker
                 axis.stated_limit(now, limit / 60.0)
             remaining = _header_number(headers, f"x-ratelimit-remaining-{kind}")
             if remaining is not None and remaining <= 0:
@@ -400,13 +400,21 @@ class RateController:
         return (r * 60.0 if r is not None else None, t * 60.0 if t is not None else None)
 
 
+# The least per-minute limit a server may state and be believed: the configuration's own floors (config.py), so a
+# broken or hostile header cannot set a rate under which no request is ever admitted.
+_LEAST_STATED = {"requests": 1 / 60, "tokens": 100.0}
+
+
 def _header_number(headers: Mapping[str, str], name: str) -> float | None:
-    """A numeric header, also under LiteLLM's ``llm_provider-`` prefix; None if absent or not a number."""
+    """A finite numeric header, also under LiteLLM's ``llm_provider-`` prefix; None if absent, not a number, NaN
+    or infinite."""
     for key in (name, f"llm_provider-{name}"):
         value = headers.get(key)
         if value is not None:
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 continue
+            if math.isfinite(number):
+                return number
     return None

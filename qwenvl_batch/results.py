@@ -15,6 +15,8 @@ from .client import Completion
 from .media import redact_cell
 from .pricing import ModelPrice, row_cost
 from .prompt import RenderedRow
+from .redact import redact as redact_secrets
+from .response_guard import clean_text, join_warnings
 
 
 class ResultRows:
@@ -41,7 +43,8 @@ class ResultRows:
             "cached_tokens": completion.cached_tokens,
             "image_tokens": completion.image_tokens,
             "usage_source": "estimate" if completion.usage_estimated else "reported",
-            "warning": f"proxy_retries={completion.proxy_retries}" if completion.proxy_retries else None,
+            "warning": join_warnings(f"proxy_retries={completion.proxy_retries}" if completion.proxy_retries else None,
+                                     completion.warning),
             "attempts": attempts + completion.proxy_retries,  # a proxy's hidden retries are attempts too
             "latency_s": round(latency_s, 4),
             "request_id": completion.request_id,
@@ -57,7 +60,7 @@ class ResultRows:
             "model": self.model_name,
             "error_type": error_type,
             "error_code": code,
-            "error_message": message,
+            "error_message": stored_message(message),
             "attempts": attempts,
             "latency_s": round(latency_s, 4) if latency_s is not None else None,
         }
@@ -84,6 +87,13 @@ class ResultRows:
         out.update(fields)
         out["finished_at"] = datetime.now(UTC)
         return out
+
+
+def stored_message(message: str) -> str:
+    """A server's error text as it may be stored and shown: no secret (a proxy may echo the request's
+    Authorization header), no lone surrogate (Parquet stores UTF-8 only)."""
+    cleaned, _ = clean_text(message)
+    return redact_secrets(cleaned or "")
 
 
 def add_costs(costs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 One retry layer only (the SDK's own retries are off): attempts are bounded by ``max_attempts`` (or the
 decision's own, smaller bound) *and* by ``max_retry_time_s``; waits are exponential backoff with jitter or the
-server's Retry-After, whichever is longer; a stopping run ends the retries at once.
+server's Retry-After, whichever is longer, and never longer than what remains of ``max_retry_time_s`` (a server
+asking for ``Retry-After: 999999`` or a ``retry_initial_s`` of 1e9 cannot park a row past its budget); a stopping
+run ends the retries at once.
 """
 
 from __future__ import annotations
@@ -66,12 +68,22 @@ class RetryAdapter:
     def _wait_s(self, state: RetryCallState) -> float:
         decision = decision_of(state)
         wait = backoff_s(state.attempt_number, initial_s=self.limits.retry_initial_s, max_s=self.limits.retry_max_s)
-        return max(wait, decision.retry_after_s or 0.0)
+        return bounded_wait(max(wait, decision.retry_after_s or 0.0), self.limits.max_retry_time_s,
+                            state.seconds_since_start or 0.0)
 
     def _before_sleep(self, state: RetryCallState) -> None:
         decision = decision_of(state)
         self.on_retry(decision, state.attempt_number)
         log.debug("retry %d (%s): %s", state.attempt_number, decision.reason, decision.message[:200])
+
+
+def bounded_wait(wait_s: float, budget_s: float, elapsed_s: float) -> float:
+    """A wait cut to what remains of the row's retry budget (never negative, never NaN): after it the retry loop
+    stops on ``max_retry_time_s`` and the row records its last failure instead of sleeping on."""
+    remaining = max(budget_s - elapsed_s, 0.0)
+    if wait_s != wait_s:  # NaN from a hostile header or a config value that slipped through
+        return remaining
+    return min(max(wait_s, 0.0), remaining)
 
 
 async def interruptible_sleep(seconds: float, stop: Callable[[], Awaitable[object]]) -> None:

@@ -8,6 +8,7 @@ new is started after it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -19,10 +20,12 @@ from .errors import InputRowError, JobError, SpendCapReached
 from .health import Stop, estimated_usage, images_ignored
 from .limits import Limiter
 from .media import PreparedImage, ResizePolicy, prepare_image
-from .policy import Action, Decision, PartialResponseError, classify
+from .policy import Action, Decision, InvalidResponseError, PartialResponseError, classify
 from .pricing import row_cost
 from .progress import Progress
 from .prompt import RenderedRow, build_messages
+from .redact import redact
+from .response_guard import within_request
 from .results import add_costs, local_image_bytes
 from .retrying import Abandoned, RetryAdapter, interruptible_sleep
 from .store import ResultWriter
@@ -127,9 +130,9 @@ class RowWorker:
             return None  # the run is stopping: leave the row pending
         decision = classify(failure)
         if decision.error_type == "rate_limit":  # a 429 on the last attempt still tells the controller
-            self.limiter.on_failure(decision)
+            self.limiter.on_failure(self._within_budget(decision))
         if decision.action is Action.STOP_JOB:
-            raise JobError(decision.message, code=decision.code)
+            raise JobError(redact(decision.message), code=decision.code)  # a proxy may quote the key back
         if decision.action is Action.RETRY and self.run.stopping:
             return None
         message = decision.message
@@ -221,7 +224,7 @@ class RowWorker:
         actual_cost = 0.0
         try:
             await self.limiter.acquire(estimate)
-            completion = await self._complete(messages)
+            completion = within_request(await self._complete(messages), estimate)  # issue 18: sane usage only
             if completion.prompt_tokens is None or completion.completion_tokens is None:
                 completion = estimated_usage(completion, prompt_estimate, self.job.model.max_tokens)
             billed.append(self.rows.cost_of(completion))
@@ -231,6 +234,9 @@ class RowWorker:
             if isinstance(exc.billed, Completion):
                 billed.append(self.rows.cost_of(exc.billed))
                 actual_cost = billed[-1].get("cost") or 0.0
+            raise
+        except InvalidResponseError:  # a 200 that cannot be read was probably billed: the cap counts its worst case
+            actual_cost = worst_cost
             raise
         finally:
             self.run.spend.release(worst_cost, actual_cost)
@@ -288,7 +294,14 @@ class RowWorker:
         counters = self.run.counters
         counters.retries += 1
         counters.retry_reasons[decision.reason] = counters.retry_reasons.get(decision.reason, 0) + 1
-        self.limiter.on_failure(decision)  # a 429 steers the rate controller; a connection failure only counts
+        self.limiter.on_failure(self._within_budget(decision))  # a 429 steers the rates; a connect failure counts
+
+    def _within_budget(self, decision: Decision) -> Decision:
+        """A server's Retry-After pauses every worker: never for longer than a row's whole retry budget."""
+        wait = decision.retry_after_s
+        if wait is None or wait <= self.limits.max_retry_time_s:
+            return decision
+        return dataclasses.replace(decision, retry_after_s=self.limits.max_retry_time_s)
 
     async def _sleep(self, seconds: float) -> None:
         """Backoff that wakes up early when the run is stopping (the row is then left pending)."""
