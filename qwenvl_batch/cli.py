@@ -35,6 +35,9 @@ class _SubcommandParser(argparse.ArgumentParser):
                           help="-v: retry decisions; -vv: HTTP too")
 
 
+from .export import add_export  # noqa: E402  (issue 12)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwenvl-batch",
@@ -49,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(commands)
     _add_status(commands)
     _add_simulate(commands)
+    add_export(commands)  # issue 12: export OUT --documents FILE (export.py)
     return parser
 
 
