@@ -192,6 +192,7 @@ class DocumentsConfig(_Section):
     pages: Literal["each", "all"] = "each"
     max_pages: int = Field(default=200, ge=1, le=100_000)
     max_dpi: float = Field(default=300.0, gt=0, le=1200)
+    render_processes: int = Field(default=1, ge=1, le=64)
 
 
 class PricingConfig(_Section):

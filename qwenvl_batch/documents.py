@@ -33,13 +33,21 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from . import tokens
 from .config import DocumentsConfig, JobConfig
 from .errors import ConfigError, InputRowError
 from .inputs import folder
 from .inputs.patterns import IMAGE_SUFFIXES
 from .manifest import Manifest, require_columns
 from .media import ResizePolicy, image_ref
-from .media.pages import DOCUMENT_SUFFIXES, DocumentError, PageTarget, document_kind, list_pages
+from .media.pages import (
+    DOCUMENT_SUFFIXES,
+    DocumentError,
+    PageTarget,
+    document_kind,
+    list_pages,
+    set_render_processes,
+)
 
 PAGE_ID = "page_id"
 PAGE_SEPARATOR = "\n\n"
@@ -55,6 +63,10 @@ PAGE_FIELDS = [
     pa.field("rendered_height", pa.int32()),
 ]
 _CACHE_ENTRIES = 4096
+MAX_IMAGES_PER_REQUEST = 250
+"""Base64 images one request may carry (qwen-vl-facts.md §2.1: 250 via base64, 256 via URL)."""
+MAX_INPUT_TOKENS = {"qwen-vl-ocr": 30_000, "qwen3-vl-plus": 258_048}
+"""Max input tokens per request where the model list states it (qwen-vl-facts.md §4, §8); others: no token check."""
 
 
 def for_documents(job: JobConfig, manifest: Manifest) -> tuple[JobConfig, Manifest]:
@@ -69,8 +81,9 @@ def for_documents(job: JobConfig, manifest: Manifest) -> tuple[JobConfig, Manife
     if manifest.schema.field(image_column).type not in (pa.string(), pa.large_string()):
         raise ConfigError(f"{job.input.path}: column {image_column!r} must hold file paths (text) for [documents]; "
                           f"it is {manifest.schema.field(image_column).type}")
+    set_render_processes(job.documents.render_processes)
     expander = Expander(job.documents, job.input.id_column, image_column, manifest.root, job.resize_policy(),
-                        job.images.jpeg_quality)
+                        job.images.jpeg_quality, MAX_INPUT_TOKENS.get(tokens.normalize_model(job.model.name)))
     schema = expander.schema(manifest.schema)
     clash = sorted(set(manifest.columns) & (set(schema.names) - set(manifest.columns) - {image_column}))
     if clash:
@@ -122,6 +135,7 @@ class Expander:
     base_dir: Path
     policy: ResizePolicy
     jpeg_quality: int
+    max_input_tokens: int | None = None
     _cache: OrderedDict[tuple[Any, ...], list[PageTarget] | DocumentError] = field(default_factory=OrderedDict)
 
     def schema(self, inner: pa.Schema) -> pa.Schema:
@@ -155,6 +169,10 @@ class Expander:
             error = {"path": value, "error": str(pages), "error_code": pages.code}
             return [{**base, PAGE_ID: doc_id, self.image_column: [error] if self._all else error}]
         cells = [self._cell(value, path, kind, number, target) for number, target in enumerate(pages, start=1)]
+        too_big = self._one_request_error(path, pages) if self._all else None
+        if too_big is not None:
+            error = {"path": value, "error": str(too_big), "error_code": too_big.code}
+            return [{**base, PAGE_ID: doc_id, self.image_column: [error], "page_count": len(pages)}]
         if self._all:
             return [{**base, PAGE_ID: doc_id, self.image_column: cells, "page_count": len(pages)}]
         return [{**base, PAGE_ID: f"{doc_id}#p{number:04d}", self.image_column: cell, "page_number": number,
@@ -162,6 +180,19 @@ class Expander:
                  "render_dpi": round(target.dpi, 2), "rendered_width": target.width,
                  "rendered_height": target.height}
                 for number, (cell, target) in enumerate(zip(cells, pages, strict=True), start=1)]
+
+    def _one_request_error(self, path: Path, pages: list[PageTarget]) -> DocumentError | None:
+        """``pages = "all"``: the provider's per-request image count and input-token limits, checked here."""
+        fix = 'use pages = "each", or lower [documents] max_pages / [model] max_pixels'
+        if len(pages) > MAX_IMAGES_PER_REQUEST:
+            return DocumentError(f"{path}: {len(pages):,} pages in one request, over the {MAX_IMAGES_PER_REQUEST} "
+                                 f"images a request may carry; {fix}", "too_many_images")
+        image_tokens = sum(p.width * p.height // self.policy.factor**2 + tokens.VISION_MARKER_TOKENS for p in pages)
+        if self.max_input_tokens is not None and image_tokens > self.max_input_tokens:
+            return DocumentError(f"{path}: {len(pages):,} pages take {image_tokens:,} image tokens in one request, "
+                                 f"over the model's max input of {self.max_input_tokens:,}; {fix}",
+                                 "request_too_large")
+        return None
 
     @property
     def _all(self) -> bool:
@@ -233,6 +264,9 @@ def document_view(pages: pd.DataFrame, source: Path | None = None) -> pd.DataFra
         return pd.DataFrame(columns=DOCUMENT_COLUMNS)
     if "page_number" not in pages.columns:
         where = f"{source}: " if source else ""
+        if "page_count" in pages.columns:
+            raise ConfigError(f'{where}this is a pages = "all" output: it already has one row per document; use '
+                              "the rows as they are (load_results(out) / export --rows)")
         raise ConfigError(f"{where}these results have no document pages (the job had no [documents] section); "
                           "use the per-row results instead")
     key = "doc_id" if "doc_id" in pages.columns else PAGE_ID

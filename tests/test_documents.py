@@ -15,18 +15,19 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from conftest import FAST_LIMITS, write_manifest
 from PIL import Image, ImageDraw
 
 from qwenvl_batch import load_results, run_job, tokens
 from qwenvl_batch.cli import main
 from qwenvl_batch.config import JobConfig, job_from_dict
 from qwenvl_batch.documents import PAGE_ID
+from qwenvl_batch.errors import InputRowError
 from qwenvl_batch.estimate import estimate_rows
-from qwenvl_batch.media import ResizePolicy
-from qwenvl_batch.media.pages import list_pages, pdf_target, render_page
+from qwenvl_batch.media import ImageRef, ResizePolicy
+from qwenvl_batch.media.pages import PageSource, list_pages, pdf_target, render_page, shutdown_renderer
+from qwenvl_batch.media.prepare import prepare_image
 from qwenvl_batch.simulator import SimulatorConfig, SimulatorThread
-
-from conftest import FAST_LIMITS, write_manifest
 
 pytest.importorskip("pypdfium2")
 
@@ -290,3 +291,33 @@ from qwenvl_batch.config import job_from_dict
 raw = json.loads(Path(sys.argv[1]).read_text())
 run_job(job_from_dict(raw, base_dir=Path(sys.argv[1]).parent))
 """
+
+
+def test_pages_all_over_the_models_input_limit_is_one_error_row(tmp_path: Path, sim: SimulatorThread) -> None:
+    """pages = "all" on qwen-vl-ocr: 4 pages at the OCR budget exceed its 30,000 input tokens: refused, not sent."""
+    write_pdf(tmp_path / "four.pdf", [A4] * 4)
+    write_pdf(tmp_path / "two.pdf", [A4] * 2)
+    manifest = write_manifest(tmp_path / "m.csv", [{"doc_id": "four", "path": "four.pdf"},
+                                                   {"doc_id": "two", "path": "two.pdf"}])
+    job = doc_job(tmp_path, sim, manifest, model="qwen-vl-ocr", max_pixels=8_388_608, documents={"pages": "all"})
+    run_job(job)
+    out = load_results(tmp_path / "out.parquet").set_index(PAGE_ID)
+    assert out.loc["two", "status"] == "ok"
+    assert out.loc["four", "error_code"] == "request_too_large" and out.loc["four", "error_type"] == "input"
+    assert "30,000" in out.loc["four", "error_message"] and 'pages = "each"' in out.loc["four", "error_message"]
+    assert [r["text"] for r in sim.requests] == ["Transcribe two."]
+
+
+def test_a_document_changed_after_planning_fails_its_pages_not_the_run(tmp_path: Path) -> None:
+    """A page the render process cannot render (the file was truncated after listing) is that row's input error."""
+
+    pdf = write_pdf(tmp_path / "gone.pdf", [A4, A4])
+    ref = ImageRef(kind="page", value="gone.pdf#page=2", column="path", blob=PageSource(pdf, "pdf", 2, 640, 896))
+    assert prepare_image(ref).width == 640  # renders while the file is whole
+    pdf.write_bytes(b"%PDF-1.4 truncated")
+
+    shutdown_renderer()  # a fresh render process: no cached open document
+    with pytest.raises(InputRowError, match="cannot render this page"):
+        prepare_image(ref)
+    assert prepare_image(ImageRef(kind="page", value="x", column="path",
+                                  blob=PageSource(write_pdf(tmp_path / "ok.pdf", [A4]), "pdf", 1, 640, 896))).width
