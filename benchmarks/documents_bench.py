@@ -144,6 +144,7 @@ def main() -> None:
             print(f"render only, {model} ({figures['width']}x{figures['height']}): "
                   f"{figures['pages_per_s']:.1f} pages/s, {figures['cpu_ms_per_page']:.0f} ms CPU/page, "
                   f"{figures['kb_per_page']:.0f} KB/page")
+        pages_module._close_open()  # render_only rendered in this process: close the document it kept open
         for processes in (1, 2):
             figures = end_to_end_child(folder, pdf, args.pages, processes)
             print(f"end to end (qwen-vl-ocr, simulator, concurrency 32, {processes} render process(es)): "
