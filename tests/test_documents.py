@@ -28,6 +28,7 @@ from qwenvl_batch.media import ImageRef, ResizePolicy
 from qwenvl_batch.media.pages import PageSource, list_pages, pdf_target, render_page, shutdown_renderer
 from qwenvl_batch.media.prepare import prepare_image
 from qwenvl_batch.simulator import SimulatorConfig, SimulatorThread
+from qwenvl_batch.status import manifest_rows
 
 pytest.importorskip("pypdfium2")
 
@@ -321,3 +322,8 @@ def test_a_document_changed_after_planning_fails_its_pages_not_the_run(tmp_path:
         prepare_image(ref)
     assert prepare_image(ImageRef(kind="page", value="x", column="path",
                                   blob=PageSource(write_pdf(tmp_path / "ok.pdf", [A4]), "pdf", 1, 640, 896))).width
+
+
+def test_status_counts_pages_not_documents(tmp_path: Path, sim: SimulatorThread, archive: Path) -> None:
+    """`status --job` on a [documents] job counts the manifest's pages (6 here), not its 3 rows."""
+    assert manifest_rows(doc_job(tmp_path, sim, archive)) == 6
