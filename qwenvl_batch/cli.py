@@ -36,6 +36,9 @@ class _SubcommandParser(argparse.ArgumentParser):
                           help="-v: retry decisions; -vv: HTTP too")
 
 
+from .export import add_export  # noqa: E402  (issue 12)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwenvl-batch",
@@ -51,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(commands)
     _add_simulate(commands)
     _add_batches(commands)
+    add_export(commands)  # export OUT --documents FILE (export.py)
     return parser
 
 

@@ -194,6 +194,15 @@ class ImagesConfig(_Section):
     jpeg_quality: int = Field(default=90, ge=1, le=95)
 
 
+class DocumentsConfig(_Section):
+    """``[documents]`` (issue 12): PDFs and multi-page TIFFs become one row per page (see documents.py)."""
+
+    pages: Literal["each", "all"] = "each"
+    max_pages: int = Field(default=200, ge=1, le=100_000)
+    max_dpi: float = Field(default=300.0, gt=0, le=1200)
+    render_processes: int = Field(default=1, ge=1, le=64)
+
+
 class PricingConfig(_Section):
     """Prices beyond the built-in table: a TOML file in the same format (see qwenvl_batch/prices.toml)."""
 
@@ -231,6 +240,7 @@ class JobConfig(_Section):
     prompt: PromptConfig = PromptConfig()
     limits: LimitsConfig = LimitsConfig()
     images: ImagesConfig = ImagesConfig()
+    documents: DocumentsConfig | None = None  # issue 12
     pricing: PricingConfig = PricingConfig()
     batch: BatchConfig = BatchConfig()
     run: RunOptions = RunOptions()

@@ -40,6 +40,7 @@ import numpy as np
 
 from . import tokens
 from .config import JobConfig
+from .documents import keyed_like
 from .errors import ConfigError, InputRowError
 from .manifest import Manifest, limited_batches
 from .media import ImageInfo, ImageRef, ResizePolicy, probe_image
@@ -156,6 +157,7 @@ def plan_estimate(job: JobConfig, prices: PriceTable | None = None) -> tuple[Job
     to send (rows already done in the output are not counted)."""
     setup = open_job(job, prices, sending=False)
     index = setup.store.resume_index()  # reads parts and journal; takes no lock and writes nothing
+    job = keyed_like(job, setup.job)  # issue 12: [documents] rows are keyed by page_id
     return setup, plan_rows(job, setup.manifest, setup.renderer, index)
 
 
@@ -167,6 +169,7 @@ def estimate_rows(job: JobConfig, planned: tuple[JobSetup, Plan] | None = None) 
     before its rows are counted, and each resolved path is probed once for the whole run.
     """
     setup, plan = planned or plan_estimate(job)
+    job = keyed_like(job, setup.job)  # issue 12: [documents] rows are keyed by page_id
     manifest, renderer = setup.manifest, setup.renderer
     counter = _TokenCounter(job)
     position = 0

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from .config import JobConfig
 from .currency import check_cap_currency
+from .documents import for_documents
 from .errors import ConfigError
 from .manifest import (
     IdTracker,
@@ -72,6 +73,7 @@ def open_job(job: JobConfig, prices: PriceTable | None = None, *, sending: bool 
     structured = resolve(job)  # a schema that cannot be used, or a mode the model refuses: refused here
     job = sending_job(job, structured)
     manifest = open_manifest(job.input.path, job.input.format)
+    job, manifest = for_documents(job, manifest)  # issue 12: [documents] → page rows keyed by page_id
     require_columns(manifest, job.input.id_column, job.input.image_columns)
     renderer = RowRenderer(job, manifest.columns, manifest.root)  # a folder input resolves in the folder
     answer_fields = structured.answer_fields() if structured else []

@@ -90,7 +90,12 @@ def manifest_rows(job: JobConfig) -> int:
     """Rows the job will process: the manifest's row count (Parquet: from its footer; CSV/JSONL: one pass over the
     id column only), capped by ``--limit``."""
     manifest = open_manifest(job.input.path, job.input.format)
-    if manifest.format == "parquet":
+    if job.documents is not None:  # issue 12: documents count as their pages (listed from page sizes, not rendered)
+        from .documents import for_documents
+
+        job, manifest = for_documents(job, manifest)
+        rows = sum(batch.num_rows for batch in manifest.batches(65_536, columns=[job.input.id_column]))
+    elif manifest.format == "parquet":
         rows = pq.ParquetFile(manifest.path).metadata.num_rows
     else:
         rows = sum(batch.num_rows for batch in manifest.batches(65_536, columns=[job.input.id_column]))

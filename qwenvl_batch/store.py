@@ -816,21 +816,27 @@ class ResultWriter:
         self.store._fold_segment(self._seq, segment)
 
 
-def load_results(path: str | Path) -> pd.DataFrame:
+def load_results(path: str | Path, *, documents: bool = False) -> pd.DataFrame:
     """An output folder as a DataFrame, one row per id (newest wins), including results still in the journal.
 
     Works on the output of a run that is still going or was interrupted (no lock is taken);
-    ``pandas.read_parquet`` sees only the committed parts.
+    ``pandas.read_parquet`` sees only the committed parts. ``documents=True`` (a ``[documents]`` job): one row
+    per document instead of per page (see documents.document_view).
     """
     store = open_for_reading(path)
     tables = list(store._iter_tables())
     id_column = store.id_column
     if not tables:
-        return pd.DataFrame(columns=[id_column, *RESULT_COLUMNS])
-    table = pa.concat_tables(tables, promote_options="default")
-    frame = table.to_pandas()
-    keys = pd.Series(id_strings(table.column(id_column)))
-    return frame.loc[~keys.duplicated(keep="last").to_numpy()].reset_index(drop=True)
+        frame = pd.DataFrame(columns=[id_column, *RESULT_COLUMNS])
+    else:
+        table = pa.concat_tables(tables, promote_options="default")
+        keys = pd.Series(id_strings(table.column(id_column)))
+        frame = table.to_pandas().loc[~keys.duplicated(keep="last").to_numpy()].reset_index(drop=True)
+    if documents:  # issue 12
+        from .documents import document_view
+
+        return document_view(frame, source=Path(path))
+    return frame
 
 
 def open_for_reading(path: str | Path) -> OutputStore:

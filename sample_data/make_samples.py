@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import random
+import sys
 import tarfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from make_documents import make_documents  # noqa: E402  (a sibling script, not a package)
+
 SEED = 20240607
 Colour = tuple[int, int, int]
 Box = tuple[int, int, int, int]
@@ -898,6 +902,7 @@ def main() -> None:
     write_manifests("documents", documents, ("csv", "parquet"))
     write_jsonl(HERE / "pairs.jsonl", [{"id": i, "images": images, "hint": hint} for i, images, hint in PAIRS])
     make_datasets()
+    make_documents(HERE)  # multi-page PDFs and a TIFF for jobs/ocr-pdf.toml (make_documents.py)
     total = 0
     for path in sorted(p for p in HERE.rglob("*") if p.is_file() and p.suffix != ".py" and "out" not in p.parts):
         total += path.stat().st_size

@@ -42,13 +42,17 @@ def root_of(path: Path) -> Path:
     return glob_root(path)[0] if has_pattern(str(path)) else path
 
 
-def read_folder(path: Path, batch_rows: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
-    """Stream rows for every image under ``path`` (a folder or a glob), ``batch_rows`` at a time."""
+def read_folder(path: Path, batch_rows: int, columns: list[str] | None,
+                suffixes: frozenset[str] = IMAGE_SUFFIXES) -> Iterator[pa.RecordBatch]:
+    """Stream rows for every image under ``path`` (a folder or a glob), ``batch_rows`` at a time.
+
+    ``suffixes``: what counts as an input file (with ``[documents]``, PDFs too).
+    """
     root, pattern = glob_root(path) if has_pattern(str(path)) else (path, "")
     matcher = glob_regex(pattern) if pattern else None
     skipped = Skipped(examples=[])
     rows: dict[str, list[object]] = {name: [] for name in SCHEMA.names}
-    for relative, absolute, size in _walk(root, matcher, skipped):
+    for relative, absolute, size in _walk(root, matcher, skipped, suffixes):
         for name, value in zip(SCHEMA.names, (relative, relative, absolute, size)):
             rows[name].append(value)
         if len(rows["id"]) >= batch_rows:
@@ -59,7 +63,8 @@ def read_folder(path: Path, batch_rows: int, columns: list[str] | None) -> Itera
     _report(path, skipped)
 
 
-def _walk(root: Path, matcher: object, skipped: Skipped) -> Iterator[tuple[str, str, int]]:
+def _walk(root: Path, matcher: object, skipped: Skipped,
+          suffixes: frozenset[str] = IMAGE_SUFFIXES) -> Iterator[tuple[str, str, int]]:
     """(relative path, absolute path, size) of each image file, folders and files in sorted order."""
     top = os.path.abspath(root)
     for folder, dirs, files in os.walk(top):
@@ -73,7 +78,7 @@ def _walk(root: Path, matcher: object, skipped: Skipped) -> Iterator[tuple[str, 
                 continue
             if name.startswith("."):
                 skipped.hidden += 1
-            elif os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
+            elif os.path.splitext(name)[1].lower() not in suffixes:
                 skipped.not_images += 1
                 if skipped.examples is not None and len(skipped.examples) < 3:
                     skipped.examples.append(relative)

@@ -179,6 +179,9 @@ def probe_image(ref: ImageRef, resize: ResizePolicy | None = None) -> ImageInfo 
         return None
     if ref.kind == "data":
         return _probe_data_url(ref)
+    if ref.kind == "page":  # a document page: its rendered size is known from the page size (issue 12)
+        return ImageInfo(width=ref.source.width, height=ref.source.height,  # type: ignore[attr-defined]
+                         mime="image/png", file_bytes=ref.source.size())
     size = _source_size(ref)
     if size > MAX_READ_BYTES:  # the run would refuse it unread: so does the estimate
         raise _too_large_to_read(ref, size)

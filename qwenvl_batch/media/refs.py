@@ -30,7 +30,7 @@ from .sources import DataUrl, ImageSource, InlineBytes, LocalFile, RemoteUrl, Ta
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+)://")
 
-RefKind = Literal["path", "url", "data", "bytes", "tar"]
+RefKind = Literal["path", "url", "data", "bytes", "tar", "page"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class ImageRef:
     def __post_init__(self) -> None:
         if self.kind == "path" and self.path is None:
             raise ValueError("an ImageRef of kind 'path' needs a resolved path")
-        if self.kind in ("bytes", "tar") and self.blob is None:
+        if self.kind in ("bytes", "tar", "page") and self.blob is None:
             raise ValueError(f"an ImageRef of kind {self.kind!r} needs its bytes' source")
 
     @property
@@ -68,6 +68,8 @@ class ImageRef:
         if self.kind == "data":
             return f"{_data_url_header(self.value)} ({len(self.value):,} chars)"
         if self.blob is not None:
+            if self.kind == "page":
+                return repr(self.value)
             return f"{self.value!r} ({self.blob.size():,} bytes in the {'tar' if self.kind == 'tar' else 'manifest'})"
         if self.kind == "path" and str(self.path) != self.value:
             return f"{self.value!r} (resolved: {self.path})"
@@ -115,6 +117,8 @@ def _blob_refs(cell: object, column: str, base_dir: Path) -> list[ImageRef]:
     if error:
         raise InputRowError(f"column {column!r}: {error}", code=str(cell.get("error_code") or "bad_sample"))
     name = cell.get("path") or None
+    if cell.get("page"):  # a document page (issue 12: documents.py writes these cells)
+        return [_page_ref(cell, column)]
     if cell.get("tar"):
         member = TarMember(Path(cell["tar"]), int(cell["offset"]), int(cell["length"]), str(cell["sha256"]))
         return [ImageRef(kind="tar", value=str(name), column=column, blob=member)]
@@ -122,6 +126,15 @@ def _blob_refs(cell: object, column: str, base_dir: Path) -> list[ImageRef]:
     if payload:
         return [_inline(bytes(payload), name, column)]
     return [image_ref(str(name), column=column, base_dir=base_dir)] if name else []
+
+
+def _page_ref(cell: dict[str, object], column: str) -> ImageRef:
+    """A document page cell → a reference rendered on read (see :mod:`.pages`)."""
+    from .pages import PageSource
+
+    page = PageSource(Path(str(cell["file"])), str(cell["kind"]), int(cell["page"]),  # type: ignore[call-overload]
+                      int(cell["width"]), int(cell["height"]), int(cell.get("quality") or 90))  # type: ignore[call-overload]
+    return ImageRef(kind="page", value=f"{cell.get('path')}#page={page.page}", column=column, blob=page)
 
 
 def _inline(data: bytes, name: str | None, column: str) -> ImageRef:
