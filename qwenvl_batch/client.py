@@ -113,8 +113,12 @@ class ChatClient:
                 raise unusable from None
             raise
 
+    def _create(self) -> Any:
+        """The SDK's create call, untyped: its overloads cannot type parameters assembled from a job file."""
+        return self._client.chat.completions.with_raw_response.create
+
     async def _complete_plain(self, messages: list[dict[str, Any]]) -> Completion:
-        raw = await self._client.chat.completions.with_raw_response.create(messages=messages, **self._params)
+        raw = await self._create()(messages=messages, **self._params)
         completion = raw.parse()
         choices = getattr(completion, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None:
@@ -137,7 +141,7 @@ class ChatClient:
         return result
 
     async def _complete_streamed(self, messages: list[dict[str, Any]]) -> Completion:
-        raw = await self._client.chat.completions.with_raw_response.create(
+        raw = await self._create()(
             messages=messages, stream=True, stream_options={"include_usage": True}, **self._params
         )
         stream = raw.parse()

@@ -466,8 +466,8 @@ def render_estimate(estimate: Estimate, fmt: Literal["text", "json"]) -> str:
                  f"{estimate.input_errors:,} input error(s) (never sent, cost nothing)"),
         ("images", _images_line(estimate)),
         *_error_lines(estimate),
-        ("prompt tokens", f"{estimate.prompt_tokens_total:,} total; per row p50 {estimate.prompt_tokens_p50:,}, "
-                          f"p95 {estimate.prompt_tokens_p95:,}, max {estimate.prompt_tokens_max:,}"),
+        ("prompt tokens", (f"{estimate.prompt_tokens_total:,} total; per row p50 {estimate.prompt_tokens_p50:,}, "
+                           f"p95 {estimate.prompt_tokens_p95:,}, max {estimate.prompt_tokens_max:,}")),
         ("completion tokens", _completion_line(estimate)),
         ("cost", _cost_line(estimate)),
         ("batch cost", _batch_cost_line(estimate)),

@@ -208,7 +208,7 @@ def estimated_usage(completion: _C, prompt_tokens: int, max_tokens: int | None =
         answer_tokens = min(answer_tokens, max_tokens)
     completion_tokens = answer_tokens + tokens.text_tokens(reasoning)
     return dataclasses.replace(  # type: ignore[type-var]
-        completion, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,  # type: ignore[arg-type]
+        completion, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens, usage_estimated=True,
         reasoning_tokens=tokens.text_tokens(reasoning) if reasoning else 0,
     )

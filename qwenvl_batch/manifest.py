@@ -285,7 +285,8 @@ class IdTracker:
         return IdCheck(rows=self.rows, empty_rows=self.empty_rows, duplicates=duplicates)
 
 
-def limited_batches(manifest: Manifest, limit: int | None, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+def limited_batches(manifest: Manifest, limit: int | None,
+                    columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
     """The manifest's batches, cut after ``limit`` rows (``--limit N``: the first N rows only)."""
     rows = 0
     for batch in manifest.batches(columns=columns):

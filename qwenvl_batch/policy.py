@@ -26,13 +26,13 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import TypedDict, Unpack
 
 import openai
 
 
-class Action(str, Enum):
+class Action(StrEnum):
     RETRY = "retry"
     ROW_ERROR = "row_error"
     STOP_JOB = "stop_job"

@@ -224,10 +224,11 @@ class PromptTokens:
     def __init__(self, job: JobConfig) -> None:
         model = job.model
         self.model = model.name
-        self.options = {"high_resolution": model.high_resolution, "min_pixels": model.min_pixels,
-                        "max_pixels": model.max_pixels}
+        self.high_resolution = model.high_resolution
+        self.min_pixels, self.max_pixels = model.min_pixels, model.max_pixels
         spec = tokens.vision_spec(model.name)
-        _, upper = tokens.effective_pixel_bounds(spec, **self.options)
+        _, upper = tokens.effective_pixel_bounds(spec, high_resolution=self.high_resolution,
+                                                 min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         self.max_image_tokens = upper // (spec.factor * spec.factor) + tokens.VISION_MARKER_TOKENS
 
     def count(self, rendered: RenderedRow, sizes: Sequence[tuple[int, int] | None]) -> int:
@@ -235,7 +236,8 @@ class PromptTokens:
         size the provider refuses."""
         known = [size for size in sizes if size is not None]
         texts = [text for text in (rendered.system, rendered.user) if text]
-        prompt = tokens.prompt_tokens(texts, known, self.model, **self.options)
+        prompt = tokens.prompt_tokens(texts, known, self.model, high_resolution=self.high_resolution,
+                                      min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         return prompt + (len(sizes) - len(known)) * self.max_image_tokens
 
 

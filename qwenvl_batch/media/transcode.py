@@ -92,7 +92,8 @@ class ResizePolicy:
 
         None when the provider would not shrink the image (it keeps it, or enlarges it: enlarging is its job,
         since a bigger upload buys nothing) or would shrink it by less than ``min_shrink``, when the shape is one
-        the provider refuses (the caller reports that), and in the corner cases where the provider would resize the resized image *again* (an extreme
+        the provider refuses (the caller reports that), and in the corner cases where the provider would resize
+        the resized image *again* (an extreme
         aspect ratio, where smart resize clamps a side to ``factor``): sending the original there is the only
         way to be sure the tokens are unchanged.
         """
