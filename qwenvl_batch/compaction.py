@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .currency import add_spend
+from .durable import fsync_dir as _fsync_dir
 
 if TYPE_CHECKING:
     from .store import OutputStore
@@ -89,17 +90,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def compact(store: OutputStore, rewrite: list[int], keep: dict[int, np.ndarray], target_rows: int) -> None:

@@ -10,9 +10,9 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -36,6 +36,18 @@ class Counters:
     @property
     def done(self) -> int:
         return self.ok + self.errors
+
+    def add(self, result: Mapping[str, Any]) -> None:
+        """Count one recorded output row (realtime and batch runs count the same way)."""
+        self.cost += result.get("cost") or 0.0
+        if result["status"] == "ok":
+            self.ok += 1
+            self.prompt_tokens += result.get("prompt_tokens") or 0
+            self.completion_tokens += result.get("completion_tokens") or 0
+        else:
+            self.errors += 1
+            kind = result.get("error_type") or "unknown"
+            self.error_types[kind] = self.error_types.get(kind, 0) + 1
 
     def spend(self) -> tuple[float, float]:
         """(spent so far, projected at the end): the output's spend, this run's included, and the run's average

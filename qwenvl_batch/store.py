@@ -54,6 +54,7 @@ from pyarrow import ipc
 from . import __version__, compaction
 from .currency import add_spend
 from .damage import SegmentReader, damaged_part, quarantine
+from .durable import fsync_dir as _fsync_dir
 from .errors import ConfigError, JobError
 from .manifest import hash_ids, id_strings
 from .prompt import fingerprints_of
@@ -119,17 +120,6 @@ def output_schema(manifest_schema: pa.Schema, answer_fields: Iterable[pa.Field] 
 
 def _is_result(name: str) -> bool:
     return name in RESULT_COLUMNS or is_answer_column(name)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems (and Windows) cannot open a directory; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def iter_segment(path: Path) -> Iterator[pa.RecordBatch]:

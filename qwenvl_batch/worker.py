@@ -349,16 +349,7 @@ class RowWorker:
         if result.get("warning"):
             kind = str(result["warning"]).split("=", 1)[0]
             self.run.warning_counts[kind] = self.run.warning_counts.get(kind, 0) + 1
-        counters = self.run.counters
-        counters.cost += result.get("cost") or 0.0
-        if result["status"] == "ok":
-            counters.ok += 1
-            counters.prompt_tokens += result.get("prompt_tokens") or 0
-            counters.completion_tokens += result.get("completion_tokens") or 0
-        else:
-            counters.errors += 1
-            kind = result.get("error_type") or "unknown"
-            counters.error_types[kind] = counters.error_types.get(kind, 0) + 1
+        self.run.counters.add(result)
         self.progress.update()
 
 

@@ -495,16 +495,7 @@ class BatchRun:
     # -- bookkeeping ----------------------------------------------------------------------------------------
     def _record(self, writer: ResultWriter, result: dict[str, Any]) -> None:
         writer.put(result)
-        counters = self.counters
-        counters.cost += result.get("cost") or 0.0
-        if result["status"] == "ok":
-            counters.ok += 1
-            counters.prompt_tokens += result.get("prompt_tokens") or 0
-            counters.completion_tokens += result.get("completion_tokens") or 0
-        else:
-            counters.errors += 1
-            kind = result.get("error_type") or "unknown"
-            counters.error_types[kind] = counters.error_types.get(kind, 0) + 1
+        self.counters.add(result)
 
     def _progress(self, state: BatchState, shards: list[Shard]) -> None:
         """One line per batch: state, counts, time since its last change (hours-long waits need that)."""

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..durable import fsync_dir
+
 ACTIVE = ("written", "uploaded", "created", "downloaded", "journaled")
 STATE_VERSION = 1
 
@@ -101,17 +103,6 @@ def load_state(state_dir: Path, endpoint: str) -> BatchState:
     raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     shards = [Shard(**s) for s in raw.get("shards", [])]
     return BatchState(path, raw["run_id"], raw.get("endpoint", endpoint), shards)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_file(path: Path) -> None:
