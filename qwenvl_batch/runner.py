@@ -23,7 +23,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,8 +326,6 @@ class JobRun:
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
         """Ctrl-C / SIGTERM: stop dispatching, let in-flight requests finish (grace period), commit, exit."""
-        loop = asyncio.get_running_loop()
-        installed: list[int] = []
         first_signal: list[int] = []
         main_task = asyncio.current_task()
 
@@ -341,17 +339,8 @@ class JobRun:
             first_signal.append(signum)
             self.interrupt(signum)
 
-        for signum in (int(signal.SIGINT), int(signal.SIGTERM)):
-            try:
-                loop.add_signal_handler(signum, on_signal, signum)
-                installed.append(signum)
-            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
-                pass
-        try:
+        with stop_signals(on_signal):
             yield
-        finally:
-            for signum in installed:
-                loop.remove_signal_handler(signum)
 
     def interrupt(self, signum: int = int(signal.SIGINT)) -> None:
         """Stop as Ctrl-C does (also from a notebook's KeyboardInterrupt, via the loop's thread)."""
@@ -385,6 +374,25 @@ class JobRun:
             structured=self.repair_tally.line(self.structured, self.price.currency if self.price else None)
             if self.structured else None,
         )
+
+
+@contextlib.contextmanager
+def stop_signals(handler: Callable[[int], None]) -> Iterator[None]:
+    """SIGINT/SIGTERM → ``handler(signum)`` on the running loop while inside; installed only where the loop can
+    (the main thread, not Windows): elsewhere the caller forwards them (api._run_in_thread)."""
+    loop = asyncio.get_running_loop()
+    installed: list[int] = []
+    for signum in (int(signal.SIGINT), int(signal.SIGTERM)):
+        try:
+            loop.add_signal_handler(signum, handler, signum)
+            installed.append(signum)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or Windows
+            pass
+    try:
+        yield
+    finally:
+        for signum in installed:
+            loop.remove_signal_handler(signum)
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:

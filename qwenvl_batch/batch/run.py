@@ -46,7 +46,7 @@ from ..pricing import PriceTable
 from ..progress import Counters
 from ..prompt import fingerprint_hex
 from ..results import ResultRows
-from ..runner import RunSummary
+from ..runner import RunSummary, stop_signals
 from ..store import ResultWriter
 from .backend import BatchBackend
 from .results import LineOutcome, outcomes, result_row
@@ -526,20 +526,9 @@ class BatchRun:
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
         """SIGINT/SIGTERM → interrupt(), on the main thread's loop (elsewhere the caller forwards them)."""
-        loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
-        installed: list[int] = []
-        for signum in (int(signal.SIGINT), int(signal.SIGTERM)):
-            try:
-                loop.add_signal_handler(signum, self.interrupt, signum)
-                installed.append(signum)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
-        try:
+        with stop_signals(self.interrupt):
             yield
-        finally:
-            for signum in installed:
-                loop.remove_signal_handler(signum)
 
     async def _fallback(self, summary: RunSummary) -> RunSummary:
         """Rows still pending after the batch rounds: sent one by one by the realtime runner."""
