@@ -81,26 +81,52 @@ def make_job(tmp_path: Path, sim: SimulatorThread) -> Callable[..., JobConfig]:
     return build
 
 
-def job_file(tmp_path: Path, base_url: str, *, output: str = "out", extra_model: str = "", rows: int = 4) -> Path:
-    """A job file (and its manifest of ``rows`` image rows) in tmp_path, for tests that go through the CLI."""
-    write_manifest(tmp_path / "m.csv", image_rows(tmp_path, rows))
+def job_file(tmp_path: Path, base_url: str, *, rows: int | list[dict[str, Any]] | None = 4, output: str = "out",
+             prompt: str = "Describe row {id}.", model: dict[str, Any] | None = None,
+             limits: dict[str, Any] | None = None, run: dict[str, Any] | None = None,
+             input: dict[str, Any] | None = None) -> Path:
+    """A job file in tmp_path for tests that go through the CLI or a subprocess, over ``m.csv``: ``rows`` image
+    rows written there (a count, the rows themselves, or None to write no manifest, e.g. with ``input``)."""
+    if rows is not None:
+        write_manifest(tmp_path / "m.csv", image_rows(tmp_path, rows) if isinstance(rows, int) else rows)
+    raw: dict[str, dict[str, Any]] = {
+        "input": {"path": "m.csv", **(input or {})},
+        "output": {"path": output},
+        "model": {"name": "qwen3-vl-flash", "base_url": base_url, "api_key_env": "QWENVL_TEST_KEY", **(model or {})},
+        "prompt": {"user": prompt},
+        "limits": {"retry_initial_s": 0.01, **(limits or {})},
+    }
+    if run:
+        raw["run"] = run
     path = tmp_path / "job.toml"
-    path.write_text(f"""
-[input]
-path = "m.csv"
-[output]
-path = "{output}"
-[model]
-name = "qwen3-vl-flash"
-base_url = "{base_url}"
-api_key_env = "QWENVL_TEST_KEY"
-{extra_model}
-[prompt]
-user = "Describe row {{id}}."
-[limits]
-retry_initial_s = 0.01
-""")
+    path.write_text("".join(f"[{name}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in section.items())
+                            for name, section in raw.items()))
     return path
+
+
+PRICES = """
+[models."qwen3-vl-flash".any]
+currency = "USD"
+input_per_mtok = 10000
+output_per_mtok = 10000
+source = "test"
+as_of = "2026-11-25"
+"""
+
+
+@pytest.fixture
+def priced(tmp_path: Path) -> Path:
+    """A price file that makes qwen3-vl-flash expensive (10,000 USD per 1M tokens), so a cap fires in a few rows."""
+    path = tmp_path / "prices.toml"
+    path.write_text(PRICES)
+    return path
+
+
+@pytest.fixture
+def slow_sim() -> Iterator[SimulatorThread]:
+    """A simulator slow enough (50 ms a request) that a run can be killed mid-way."""
+    with SimulatorThread(SimulatorConfig(latency_s=0.05)) as server:
+        yield server
 
 
 def ok_requests_for(sim: SimulatorThread, key: str) -> int:

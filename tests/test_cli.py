@@ -45,7 +45,7 @@ def test_flags_override_thejob_file(tmp_path: Path, sim, monkeypatch) -> None:
 
 def test_misspelt_key_exits_2_naming_it(tmp_path: Path, capsys) -> None:
     """An unknown job-file key is a config error (exit 2) that names the key."""
-    job = job_file(tmp_path, "http://127.0.0.1:9/v1", extra_model="max_token = 50")
+    job = job_file(tmp_path, "http://127.0.0.1:9/v1", model={"max_token": 50})
     assert main(["run", str(job)]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'model.max_token'" in err

@@ -19,22 +19,6 @@ from qwenvl_batch import compaction as compaction_module
 from qwenvl_batch.cli import main
 from qwenvl_batch.store import open_for_reading, state_dir_for
 
-PRICES = """
-[models."qwen3-vl-flash".any]
-currency = "USD"
-input_per_mtok = 10000
-output_per_mtok = 10000
-source = "test"
-as_of = "2026-11-25"
-"""
-
-
-@pytest.fixture
-def priced(tmp_path: Path) -> Path:
-    path = tmp_path / "prices.toml"
-    path.write_text(PRICES)
-    return path
-
 
 def _done_job(tmp_path: Path, make_job, rows: int = 6, **kwargs):
     """A job over ``rows`` rows, run once to the end (one part)."""

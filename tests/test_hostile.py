@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import FAST_LIMITS, image_rows, write_manifest
+from conftest import FAST_LIMITS, image_rows, job_file, write_manifest
 from hostile_server import HostileServer
 
 from qwenvl_batch import load_results, run_job
@@ -256,32 +256,14 @@ def test_infinite_timeout_on_the_command_line_is_a_clear_error(tmp_path: Path, h
 
 # -- secrets ----------------------------------------------------------------------------------------------------
 
-def _job_file(tmp_path: Path, base_url: str, kind: str, *, extra_model: str = "",
+def _job_file(tmp_path: Path, base_url: str, kind: str, *, model: dict[str, Any] | None = None,
               key_env: str = "QWENVL_HOSTILE_KEY") -> Path:
     rows = image_rows(tmp_path, 3)
     for row in rows:
         row["note"] = f"HOSTILE:{kind}" if row["id"] == BAD else "HOSTILE:ok"
-    write_manifest(tmp_path / "m.csv", rows)
-    path = tmp_path / "job.toml"
-    path.write_text(f"""
-[input]
-path = "m.csv"
-[output]
-path = "out"
-[model]
-name = "qwen3-vl-flash"
-base_url = "{base_url}"
-api_key_env = "{key_env}"
-{extra_model}
-[prompt]
-user = "Describe row {{id}}. {{note}}"
-[limits]
-concurrency = 2
-max_attempts = 2
-retry_initial_s = 0.01
-retry_max_s = 0.05
-""")
-    return path
+    return job_file(tmp_path, base_url, rows=rows, prompt="Describe row {id}. {note}",
+                    model={"api_key_env": key_env, **(model or {})},
+                    limits={"concurrency": 2, "max_attempts": 2, "retry_max_s": 0.05})
 
 
 def test_echoed_key_never_reaches_parquet_report_or_screen(tmp_path: Path, hostile: HostileServer,
@@ -341,7 +323,7 @@ def test_url_credentials_become_basic_auth_and_never_print(tmp_path: Path, hosti
     base = hostile.base_url.replace("http://", f"http://alice:{password}@")
     monkeypatch.delenv("QWENVL_HOSTILE_KEY")
     job_path = _job_file(tmp_path, base, "echo_auth_401", key_env="QWENVL_NO_SUCH_KEY",
-                         extra_model="api_key_optional = true")
+                         model={"api_key_optional": True})
     job_path.write_text(job_path.read_text().replace("[limits]", f'[limits]\nhttp_client = "{transport}"'))
     seen_before = len(hostile.auth_seen)
     argv = ["run", str(job_path), "--progress", "off", "-vv", "--base-url", base]

@@ -24,13 +24,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import job_file
 from PIL import Image
 
 from qwenvl_batch import load_job, load_results, run_job
 from qwenvl_batch.config import job_from_dict
 from qwenvl_batch.errors import ConfigError
 from qwenvl_batch.estimate import estimate_rows
-from qwenvl_batch.simulator import SimulatorConfig, SimulatorThread
+from qwenvl_batch.simulator import SimulatorThread
 
 HF_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -349,11 +350,6 @@ def test_output_size_does_not_grow_with_image_size(kind: str, tmp_path: Path, si
 # ------------------------------------------------------------------------------------------------ kill -9
 
 
-@pytest.fixture
-def slow_sim() -> Any:
-    """A simulator slow enough (50 ms a request) that a run can be killed mid-way."""
-    with SimulatorThread(SimulatorConfig(latency_s=0.05)) as server:
-        yield server
 
 
 @pytest.mark.parametrize("kind", ["wds", "hf"])
@@ -366,23 +362,8 @@ def test_kill_9_then_resume_skips_done_rows(kind: str, tmp_path: Path, slow_sim:
     else:
         write_hf(tmp_path / "train.parquet", [jpeg(i) for i in range(n)], [None] * n, [""] * n)
         source = "train.parquet"
-    job_path = tmp_path / "job.toml"
-    job_path.write_text(f"""
-[input]
-path = "{source}"
-[output]
-path = "out.parquet"
-[model]
-name = "qwen3-vl-flash"
-base_url = "{slow_sim.base_url}"
-api_key_optional = true
-api_key_env = "QWENVL_TEST_KEY"
-[prompt]
-user = "Describe row {{id}}."
-[limits]
-concurrency = 4
-grace_s = 5
-""")
+    job_path = job_file(tmp_path, slow_sim.base_url, rows=None, input={"path": source}, output="out.parquet",
+                        model={"api_key_optional": True}, limits={"concurrency": 4, "grace_s": 5, "retry_initial_s": 1.0})
     proc = subprocess.Popen([sys.executable, "-m", "qwenvl_batch", "run", str(job_path), "--progress", "off"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     deadline = time.monotonic() + 30

@@ -18,14 +18,6 @@ from qwenvl_batch.errors import SpendCapReached
 from qwenvl_batch.simulator import SimulatorConfig, SimulatorThread
 
 MARKED = {"user": "Describe row {id}. {note}"}
-PRICES = """
-[models."qwen3-vl-flash".any]
-currency = "USD"
-input_per_mtok = 10000
-output_per_mtok = 10000
-source = "test"
-as_of = "2026-11-25"
-"""
 
 
 @pytest.fixture
@@ -91,10 +83,9 @@ def test_reported_usage_is_marked_reported(tmp_path: Path, sim, make_job) -> Non
 
 
 @pytest.mark.parametrize("persona", ["llamacpp"], indirect=True)
-def test_spend_cap_counts_rows_without_usage(tmp_path: Path, make_job, persona: SimulatorThread) -> None:
+def test_spend_cap_counts_rows_without_usage(tmp_path: Path, make_job, persona: SimulatorThread, priced: Path) -> None:
     """Without usage the spend cap counts each answer at its worst case, so it still fires before the cap."""
-    prices = tmp_path / "prices.toml"
-    prices.write_text(PRICES)
+    prices = priced
     job = _job(tmp_path, make_job, persona, 10, model={"stream": True, "max_tokens": 20},
                limits={"max_cost": 5.0, "concurrency": 2}, pricing={"file": str(prices)})
     with pytest.raises(SpendCapReached):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import image_rows, ok_requests_for, write_manifest
+from conftest import image_rows, job_file, ok_requests_for, write_manifest
 
 from qwenvl_batch import load_job, load_results, run_job
 from qwenvl_batch.cli import main
@@ -21,27 +21,8 @@ ROWS = 120
 
 
 def _write_job(tmp_path: Path, base_url: str) -> Path:
-    write_manifest(tmp_path / "m.csv", image_rows(tmp_path, ROWS))
-    job = tmp_path / "job.toml"
-    job.write_text(f"""
-[input]
-path = "m.csv"
-image_columns = ["image"]
-[output]
-path = "out.parquet"
-[model]
-name = "qwen3-vl-flash"
-base_url = "{base_url}"
-api_key_optional = true
-api_key_env = "QWENVL_TEST_KEY"
-[prompt]
-user = "Describe row {{id}}."
-[limits]
-concurrency = 4
-retry_initial_s = 0.01
-grace_s = 5
-""")
-    return job
+    return job_file(tmp_path, base_url, rows=ROWS, input={"image_columns": ["image"]}, output="out.parquet",
+                    model={"api_key_optional": True}, limits={"concurrency": 4, "grace_s": 5})
 
 
 def _start(job: Path) -> subprocess.Popen[str]:
@@ -59,11 +40,6 @@ def _wait_for_requests(sim: SimulatorThread, proc: subprocess.Popen[str], n: int
         time.sleep(0.02)
 
 
-@pytest.fixture
-def slow_sim():
-    """A simulator slow enough (50 ms a request) that a run can be killed mid-way."""
-    with SimulatorThread(SimulatorConfig(latency_s=0.05)) as server:
-        yield server
 
 
 def test_kill_9_mid_run_then_resume_pays_nothing_twice(tmp_path: Path, slow_sim: SimulatorThread,

@@ -12,21 +12,8 @@ from qwenvl_batch import ConfigError, load_results, run_job
 from qwenvl_batch.errors import SpendCapReached
 
 # 0.01 per token, so costs are easy to read: a row here costs about 0.9.
-PRICES = """
-[models."qwen3-vl-flash".any]
-currency = "USD"
-input_per_mtok = 10000
-output_per_mtok = 10000
-source = "test"
-as_of = "2026-11-25"
-"""
 
 
-@pytest.fixture
-def priced(tmp_path: Path) -> Path:
-    path = tmp_path / "prices.toml"
-    path.write_text(PRICES)
-    return path
 
 
 def test_spend_cap_stops_before_the_cap_and_a_higher_cap_continues(tmp_path: Path, sim, make_job, priced) -> None:

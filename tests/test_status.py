@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import SimulatorProcess, image_rows, write_manifest
+from conftest import SimulatorProcess, image_rows, job_file, write_manifest
 from run_frames import START, long_run_frame
 
 from qwenvl_batch.api import run_job
@@ -54,27 +54,9 @@ def assert_matches_report(status: Status, output: Path) -> None:
 
 
 def _job_toml(tmp_path: Path, base_url: str, rows: list[dict[str, str]], concurrency: int = 4) -> Path:
-    write_manifest(tmp_path / "m.csv", rows)
-    path = tmp_path / "job.toml"
-    path.write_text(f"""
-[input]
-path = "m.csv"
-[output]
-path = "out"
-[model]
-name = "qwen3-vl-flash"
-base_url = "{base_url}"
-api_key_optional = true
-[prompt]
-user = "Describe row {{id}}. {{note}}"
-[limits]
-concurrency = {concurrency}
-max_attempts = 2
-retry_initial_s = 0.01
-[run]
-progress = "off"
-""")
-    return path
+    return job_file(tmp_path, base_url, rows=rows, prompt="Describe row {id}. {note}",
+                    model={"api_key_optional": True},
+                    limits={"concurrency": concurrency, "max_attempts": 2}, run={"progress": "off"})
 
 
 def test_status_of_a_finished_run_matches_report(tmp_path: Path, sim) -> None:
