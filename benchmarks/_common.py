@@ -44,6 +44,13 @@ def simulator_process(*args: str, log: Path | None = None) -> Iterator[Simulator
     cmd = [sys.executable, "-m", "qwenvl_batch", "simulate", "--port", "0", *args]
     if log is not None:
         cmd += ["--request-log", str(log)]
+    with spawn_simulator(cmd) as sim:
+        yield sim
+
+
+@contextlib.contextmanager
+def spawn_simulator(cmd: list[str]) -> Iterator[SimulatorProcess]:
+    """Run a command that starts the simulator and prints its URL on its first line; stopped on exit."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline() if proc.stdout else ""
@@ -53,6 +60,10 @@ def simulator_process(*args: str, log: Path | None = None) -> Iterator[Simulator
         yield SimulatorProcess(url=match.group(1), pid=proc.pid)
     finally:
         proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
         if proc.poll() is None:

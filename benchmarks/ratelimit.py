@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pandas as pd
-from _common import synthetic_images
+from _common import spawn_simulator, synthetic_images
 
 from qwenvl_batch import job_from_dict, run_job
 
@@ -81,19 +79,8 @@ SCENARIOS = [
 def simulator(config: dict[str, Any], log: Path) -> Iterator[str]:
     """The simulator in its own process (its CPU is not the runner's), configured with any SimulatorConfig field."""
     cmd = [sys.executable, "-c", _SERVE, json.dumps({**config, "request_log": str(log)})]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        match = re.search(r"(http://127\.0\.0\.1:\d+/\S+)", line)
-        if not match:
-            raise RuntimeError(f"the simulator did not start: {line!r}")
-        yield match.group(1)
-    finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        if proc.poll() is None:
-            proc.kill()
+    with spawn_simulator(cmd) as sim:
+        yield sim.url
 
 
 def run_once(scenario: Scenario, folder: Path, marker: str) -> tuple[list[dict[str, Any]], float, int]:
