@@ -499,8 +499,7 @@ class OutputStore:
         earlier version lacks come back as nulls."""
         wanted = None if columns is None else [self.id_column, *columns]
         for _, part in self.parts():
-            present = _read_part_schema(part).names
-            table = self._read_part(part, [c for c in wanted if c in present] if wanted else None)
+            table = self._read_part(part, wanted)
             yield _with_columns(table, wanted) if wanted else table
         for _, segment in self.segments():
             batches = list(iter_segment(segment))
@@ -518,9 +517,12 @@ class OutputStore:
             yield _with_columns(table, wanted) if wanted else table
 
     def _read_part(self, part: Path, columns: list[str] | None) -> pa.Table:
-        """One part's table; a damaged one is a one-line ConfigError naming it and the fix (damage.py)."""
+        """One part's table, opened once: of ``columns``, those the part has (an earlier version's part lacks the
+        newer ones); a damaged part is a one-line ConfigError naming it and the fix (damage.py)."""
         try:
-            return pq.read_table(part, columns=columns, page_checksum_verification=True)
+            with pq.ParquetFile(part, page_checksum_verification=True) as file:
+                present = set(file.schema_arrow.names)
+                return file.read(columns=[c for c in columns if c in present] if columns is not None else None)
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise damaged_part(part, self.state_dir, exc) from None
 
