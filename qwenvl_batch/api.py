@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import OVERRIDES, JobConfig, load_job, with_overrides
+from .config import JobConfig, check_override_names, load_job, with_overrides
 from .pricing import PriceTable
 from .runner import JobRun, RunSummary
 
@@ -26,10 +26,7 @@ def resolve_job(job: JobConfig | str | Path, overrides: dict[str, Any]) -> JobCo
         return with_overrides(job, overrides)
     if not isinstance(job, (str, Path)):
         raise TypeError(f"run_job takes a JobConfig or a job file path, not {type(job).__name__}")
-    unknown = sorted(set(overrides) - set(OVERRIDES))
-    if unknown:
-        names, known = ", ".join(map(repr, unknown)), ", ".join(sorted(OVERRIDES))
-        raise TypeError(f"unknown job override(s) {names}; known: {known}")
+    check_override_names(overrides)
     return load_job(job, overrides)
 
 

@@ -404,16 +404,21 @@ def _describe_validation_error(where: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def check_override_names(overrides: Mapping[str, Any]) -> None:
+    """A name that is not an override (a typo in a notebook) is a TypeError listing the known ones."""
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        names, known = ", ".join(map(repr, unknown)), ", ".join(sorted(OVERRIDES))
+        raise TypeError(f"unknown job override(s) {names}; known: {known}")
+
+
 def with_overrides(job: JobConfig, overrides: Mapping[str, Any]) -> JobConfig:
     """A copy of ``job`` with overrides applied, by the CLI flag names (``simulate=True``, ``limit=10``...).
 
     A name that is not an override is a TypeError (a typo in a notebook must not be silently ignored); a value
     the job file would refuse is a ConfigError. Paths given here are relative to the working directory.
     """
-    unknown = sorted(set(overrides) - set(OVERRIDES))
-    if unknown:
-        names, known = ", ".join(map(repr, unknown)), ", ".join(sorted(OVERRIDES))
-        raise TypeError(f"unknown job override(s) {names}; known: {known}")
+    check_override_names(overrides)
     if not overrides:
         return job
     data = job.model_dump(exclude={"job_file"})
