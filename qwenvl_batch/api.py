@@ -58,12 +58,17 @@ async def run_job_async(job: JobConfig | str | Path, *, base_url: str | None = N
                         prices: PriceTable | None = None, **overrides: Any) -> RunSummary:
     """Run a job inside an existing event loop (``await run_job_async(job)`` in a notebook cell)."""
     job = resolve_job(job, overrides)
+    return await _execute(job, make_run(job, base_url=base_url, prices=prices))
+
+
+async def _execute(job: JobConfig, run: Any) -> RunSummary:
+    """Run a checked run; with ``simulate`` against a simulator started now (after the checks: a refused job
+    starts nothing)."""
     if job.run.simulate:
-        run = make_run(job, prices=prices)  # checked before the simulator starts: a refused job starts nothing
         with simulated_endpoint(job) as url:
             run.base_url = url
             return await run.run()
-    return await make_run(job, base_url=base_url, prices=prices).run()
+    return await run.run()
 
 
 def run_job(job: JobConfig | str | Path, *, base_url: str | None = None, prices: PriceTable | None = None,
@@ -93,11 +98,7 @@ def _run_in_thread(job: JobConfig, *, base_url: str | None, prices: PriceTable |
         run = make_run(job, prices=prices, base_url=base_url)
         holder["run"] = run
         started.set()
-        if job.run.simulate:
-            with simulated_endpoint(job) as url:
-                run.base_url = url
-                return await run.run()
-        return await run.run()
+        return await _execute(job, run)
 
     def target() -> None:
         try:
