@@ -169,8 +169,9 @@ def build_fixtures(work: Path, rows: int) -> tuple[Path, Path, Path]:
 
 
 def _add_errors(output: Path, first: int, count: int) -> None:
-    """A journal segment of ``count`` error rows (ids ``first``...) finished over the last minutes, as a job
-    that is still running has (the status screen lists the newest with their messages)."""
+    """A journal segment of ``count`` error rows (ids ``first``...) finished just after the ok rows (which
+    ``build_done_output`` dates from 2024-01-01 on), as a job that is still running has (the status screen lists
+    the newest with their messages)."""
     import numpy as np
     import pyarrow as pa
     from pyarrow import ipc
@@ -180,7 +181,7 @@ def _add_errors(output: Path, first: int, count: int) -> None:
     store = open_for_reading(output)
     schema = _read_part_schema(store.parts()[-1][1]).remove_metadata()
     ids = [f"r{i:08d}" for i in range(first, first + count)]
-    now = np.datetime64(int(time.time() * 1e6), "us")
+    after = np.datetime64("2024-01-01T00:05:00", "us")
     columns = {name: pa.nulls(count, schema.field(name).type) for name in schema.names}
     columns.update({
         "id": pa.array(ids), "image": pa.array([f"img/img{i % IMAGES:04d}.jpg" for i in range(first, first + count)]),
@@ -188,7 +189,7 @@ def _add_errors(output: Path, first: int, count: int) -> None:
         "error_code": pa.array(["503"] * count),
         "error_message": pa.array([f"HTTP 503 Service Unavailable for row {i}" for i in ids]),
         "attempts": pa.array(np.full(count, 6, np.int32)),
-        "finished_at": pa.array(now - np.arange(count)[::-1].astype("timedelta64[ms]") * 60,
+        "finished_at": pa.array(after + np.arange(count).astype("timedelta64[ms]") * 60,
                                 pa.timestamp("us", tz="UTC")),
         "simulated": pa.array([False] * count),
     })

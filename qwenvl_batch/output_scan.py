@@ -42,8 +42,8 @@ class OutputChanged(Exception):
 
 
 def newest_rows(store: OutputStore, columns: list[str]) -> Iterator[pa.Table]:
-    """Tables (one per part or journal segment, in write order) holding the id column and ``columns`` of every
-    row that no later row with the same id replaces; columns a file lacks come back as nulls."""
+    """Tables (one per part or journal segment, in write order) holding ``columns`` (ask for the id column if it
+    is needed) of every row that no later row with the same id replaces; columns a file lacks come back as nulls."""
     for attempt in range(_ATTEMPTS):
         sources, drop = _first_pass(store)
         try:
@@ -103,7 +103,7 @@ def _segment_table(store: OutputStore, segment: Path) -> pa.Table | None:
 
 def _second_pass(store: OutputStore, sources: list[_Source], drop: np.ndarray, columns: list[str], *,
                  restartable: bool) -> Iterator[pa.Table]:
-    wanted = [store.id_column, *(c for c in columns if c != store.id_column)]
+    wanted = list(dict.fromkeys(columns))
     offset = 0
     for source in sources:
         if not source.path.exists():

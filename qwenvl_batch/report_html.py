@@ -19,10 +19,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import charts
 from .charts import Series
-from .report import cell, grouped_tables, header_lines, right_aligned, summarize
+from .report import (
+    Summary,
+    cell,
+    frame_table,
+    grouped_tables,
+    header_lines,
+    label_column,
+    right_aligned,
+    scan_output,
+    summarize,
+)
 from .timeline import (
     Buckets,
     Histogram,
@@ -37,7 +49,7 @@ from .timeline import (
     stacked_buckets,
 )
 
-__all__ = ["ChartData", "chart_data", "render_html"]
+__all__ = ["ChartData", "ChartTally", "chart_data", "render_html", "render_output_html"]
 
 
 @dataclass(frozen=True)
@@ -69,21 +81,6 @@ class ChartData:
     cost: dict[str, Line] = field(default_factory=dict)  # per currency (never added across currencies)
 
 
-def _numbers(df: pd.DataFrame, column: str) -> np.ndarray:
-    if column not in df.columns:
-        return np.full(len(df), np.nan)
-    return pd.to_numeric(df[column], errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
-
-
-def _row_times(df: pd.DataFrame) -> np.ndarray:
-    """``finished_at`` per row as epoch seconds, NaN where missing (not sorted: aligned with the frame)."""
-    if "finished_at" not in df.columns:
-        return np.full(len(df), np.nan)
-    stamps = pd.to_datetime(df["finished_at"], utc=True, errors="coerce")
-    seconds = (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
-    return seconds.to_numpy(dtype="float64", na_value=np.nan)
-
-
 def _finish_at(times: np.ndarray, done: int, total: int | None, now: float) -> tuple[float | None, float | None]:
     """When the last pending row should finish: at the rate of the last 5 minutes from now, or, for a run that
     is not going (no recent rows), at its whole-run rate from its last row. Also returns the whole-run rate."""
@@ -110,62 +107,97 @@ def _line(times: np.ndarray, values: np.ndarray | None, done: int, total: int | 
     return Line(xs, ys, (finish_at, end) if finish_at is not None and end is not None else None)
 
 
-def _labels(df: pd.DataFrame, column: str) -> pd.Series:
-    if column not in df.columns:
-        return pd.Series("(missing)", index=df.index, dtype="string")
-    return df[column].astype("string").fillna("(missing)")
+def _seconds(table: pa.Table) -> np.ndarray:
+    """``finished_at`` per row as epoch seconds, NaN where missing (aligned with the table's rows)."""
+    if "finished_at" not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    stamps = table.column("finished_at").to_numpy(zero_copy_only=False).astype("datetime64[ns]")
+    seconds = stamps.view(np.int64) / 1e9  # as report.Summary keeps them: epoch nanoseconds
+    seconds[np.isnat(stamps)] = np.nan
+    return seconds
 
 
-def _errors_over_time(df: pd.DataFrame, is_error: np.ndarray, row_times: np.ndarray,
-                      rows: Buckets) -> tuple[list[str], np.ndarray]:
-    """Error rows per bucket of the rows chart, one series per ``type/code`` (the most frequent few)."""
-    mask = is_error & np.isfinite(row_times)
-    labels = (_labels(df, "error_type") + "/" + _labels(df, "error_code"))[mask]
-    return stacked_buckets(row_times[mask], labels.to_numpy(dtype=str), start=rows.start, width_s=rows.width_s,
-                           count=len(rows.counts))
+def _floats(table: pa.Table, column: str) -> np.ndarray:
+    if column not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    return table.column(column).cast(pa.float64()).to_numpy(zero_copy_only=False)
 
 
-def _cost_lines(df: pd.DataFrame, row_times: np.ndarray, done: int, total: int | None,
-                finish_at: float | None) -> dict[str, Line]:
-    """Cumulative cost per currency (amounts in different currencies are never added, so one line each)."""
-    costs = _numbers(df, "cost")
-    currency = _labels(df, "currency")
-    out: dict[str, Line] = {}
-    for code in sorted(currency[np.isfinite(costs)].unique()):
-        mask = (currency == code).to_numpy(dtype=bool) & np.isfinite(row_times) & np.isfinite(costs)
-        line = _line(row_times[mask], costs[mask], done, total, finish_at)
-        if line is not None:
-            out[str(code)] = line
-    return out
+class ChartTally:
+    """What the charts need beyond the summary (``report.Summary``, whose finish times, latencies and attempts
+    they share), from normalised tables added one at a time: done rows; the time and type/code of error rows;
+    time and amount of rows with tokens, and of rows with a cost per currency (cumulative lines need each)."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.errors: list[tuple[np.ndarray, np.ndarray]] = []
+        self.tokens: list[tuple[np.ndarray, np.ndarray]] = []
+        self.cost: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    def add(self, table: pa.Table) -> None:
+        status = label_column(table, "status")
+        self.done += int(pc.sum(pc.is_in(status, pa.array(["ok", "error"]))).as_py() or 0)
+        row_times = _seconds(table)
+        timed = np.isfinite(row_times)
+        is_error = pc.equal(status, "error").to_numpy(zero_copy_only=False) & timed
+        if is_error.any():
+            errors = table.filter(pa.array(is_error))
+            labels = pc.binary_join_element_wise(label_column(errors, "error_type"),
+                                                 label_column(errors, "error_code"), "/")
+            self.errors.append((row_times[is_error], np.asarray(labels.to_pylist(), dtype=str)))
+        tokens = _floats(table, "total_tokens")
+        with_tokens = timed & np.isfinite(tokens)
+        if with_tokens.any():
+            self.tokens.append((row_times[with_tokens], tokens[with_tokens]))
+        costs = _floats(table, "cost")
+        priced = timed & np.isfinite(costs)
+        if priced.any():
+            currency = label_column(table, "currency").to_numpy(zero_copy_only=False)
+            for code in np.unique(currency[priced]).tolist():
+                mask = priced & (currency == code)
+                self.cost.setdefault(str(code), []).append((row_times[mask], costs[mask]))
+
+    def result(self, summary: Summary, *, total: int | None, now: float) -> ChartData:
+        """The chart data, with the finish times, latencies and attempts ``summary`` gathered from the same
+        tables."""
+        section = summary.overall
+        times = np.sort(np.concatenate(section.times_ns)) / 1e9 if section.times_ns else np.empty(0)
+        latency = np.concatenate(section.latency) if section.latency else np.empty(0)
+        finish_at, whole = _finish_at(times, self.done, total, now)
+        rows = buckets(times)
+        rows_done = _line(times, None, self.done, total, finish_at)
+        if rows_done is not None and rows_done.projection is not None and total is not None:
+            rows_done = Line(rows_done.xs, rows_done.ys, (rows_done.projection[0], float(total)))
+        error_times, error_labels = _joined(self.errors)
+        labels, matrix = stacked_buckets(error_times, error_labels, start=rows.start, width_s=rows.width_s,
+                                         count=len(rows.counts))
+        token_times, tokens = _joined(self.tokens)
+        return ChartData(
+            done=self.done, total=total, recent_rate_per_min=recent_rate_per_min(times, now),
+            whole_rate_per_min=whole, finish_at=finish_at, rows=rows, rows_done=rows_done,
+            latency=histogram(latency), latency_marks=percentiles(latency),
+            attempts=[(f"{k} attempt{'s' if k != 1 else ''}", float(v)) for k, v in sorted(section.attempts.items())],
+            error_labels=labels, error_matrix=matrix,
+            tokens=_line(token_times, tokens, self.done, total, finish_at) if token_times.size else None,
+            cost={code: line for code in sorted(self.cost)
+                  if (line := _line(*_joined(self.cost[code]), self.done, total, finish_at)) is not None},
+        )
+
+
+def _joined(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if not pairs:
+        return np.empty(0), np.empty(0)
+    return np.concatenate([a for a, _ in pairs]), np.concatenate([b for _, b in pairs])
 
 
 def chart_data(df: pd.DataFrame, *, total: int | None = None, now: float | None = None) -> ChartData:
     """Everything the charts draw, from the output frame (one row per id, as ``load_results`` returns)."""
-    now = time.time() if now is None else now
-    status = _labels(df, "status")
-    done = int(status.isin(["ok", "error"]).sum())
-    row_times = _row_times(df)
-    times = np.sort(row_times[np.isfinite(row_times)])
-    finish_at, whole = _finish_at(times, done, total, now)
-    rows = buckets(times)
-    rows_done = _line(times, None, done, total, finish_at)
-    if rows_done is not None and rows_done.projection is not None and total is not None:
-        rows_done = Line(rows_done.xs, rows_done.ys, (rows_done.projection[0], float(total)))
-    error_labels, error_matrix = _errors_over_time(df, (status == "error").to_numpy(dtype=bool), row_times, rows)
-    latency = _numbers(df, "latency_s")
-    attempts = pd.Series(_numbers(df, "attempts")).dropna().astype("int64").value_counts().sort_index()
-    tokens = _numbers(df, "total_tokens")
-    with_tokens = np.isfinite(row_times) & np.isfinite(tokens)
-    return ChartData(
-        done=done, total=total, recent_rate_per_min=recent_rate_per_min(times, now), whole_rate_per_min=whole,
-        finish_at=finish_at, rows=rows, rows_done=rows_done, latency=histogram(latency),
-        latency_marks=percentiles(latency),
-        attempts=[(f"{k} attempt{'s' if k != 1 else ''}", float(v)) for k, v in attempts.items()],
-        error_labels=error_labels, error_matrix=error_matrix,
-        tokens=_line(row_times[with_tokens], tokens[with_tokens], done, total, finish_at) if with_tokens.any()
-        else None,
-        cost=_cost_lines(df, row_times, done, total, finish_at),
-    )
+    table = frame_table(df)
+    summary = Summary(list(df.columns))
+    summary.add(table)
+    charts = ChartTally()
+    charts.add(table)
+    return charts.result(summary, total=total, now=time.time() if now is None else now)
 
 
 # ---------------------------------------------------------------------------------------------- page
@@ -388,8 +420,21 @@ def render_html(df: pd.DataFrame, *, output: str | Path, by: str | None = None, 
     """The page for an output frame (one row per id). ``total`` is the manifest's size, for pending rows and the
     projections; ``writer`` says whether a run is writing the output now (``status.writer_state``)."""
     now = time.time() if now is None else now
-    summary = summarize(df, by=by)
-    data = chart_data(df, total=total, now=now)
+    return _page(summarize(df, by=by), chart_data(df, total=total, now=now), output=output, now=now, writer=writer)
+
+
+def render_output_html(output: str | Path, *, by: str | None = None, total: int | None = None,
+                       now: float | None = None, writer: str = "") -> str:
+    """``render_html(load_results(output), ...)`` without loading the output: the summary and the charts are
+    computed in one pass, a part at a time (``report.scan_output``)."""
+    now = time.time() if now is None else now
+    charts = ChartTally()
+    summary, structured = scan_output(output, by=by, also=charts.add)
+    data = charts.result(summary, total=total, now=now)
+    return _page(summary.result(structured=structured), data, output=output, now=now, writer=writer)
+
+
+def _page(summary: dict[str, Any], data: ChartData, *, output: str | Path, now: float, writer: str) -> str:
     lines = header_lines(summary)
     banner = [line for line in lines if line.startswith("SIMULATED")]
     meta = [line for line in lines if not line.startswith("SIMULATED")]

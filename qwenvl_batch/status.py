@@ -113,7 +113,7 @@ def read_status(output: str | Path, *, total: int | None = None, now: float | No
     store = open_for_reading(path)
     now = time.time() if now is None else now
     tally = _Tally(now)
-    for table in newest_rows(store, _COLUMNS):
+    for table in newest_rows(store, [store.id_column, *_COLUMNS]):
         tally.add(table, store.id_column)
     return Status(
         output=Path(output),
