@@ -39,8 +39,7 @@ from .timeline import (
     Buckets,
     Histogram,
     buckets,
-    cumulative,
-    downsample,
+    cumulative_points,
     eta_s,
     histogram,
     percentiles,
@@ -101,9 +100,8 @@ def _line(times: np.ndarray, values: np.ndarray | None, done: int, total: int | 
           finish_at: float | None) -> Line | None:
     if times.size == 0:
         return None
-    xs, ys = cumulative(times, values)
+    xs, ys = cumulative_points(times, values)
     end = projected(float(ys[-1]), done, total) if finish_at is not None else None
-    xs, ys = downsample(xs, ys)
     return Line(xs, ys, (finish_at, end) if finish_at is not None and end is not None else None)
 
 
@@ -125,69 +123,106 @@ def _floats(table: pa.Table, column: str) -> np.ndarray:
 
 class ChartTally:
     """What the charts need beyond the summary (``report.Summary``, whose finish times, latencies and attempts
-    they share), from normalised tables added one at a time: done rows; the time and type/code of error rows;
-    time and amount of rows with tokens, and of rows with a cost per currency (cumulative lines need each)."""
+    they share), from normalised tables added one at a time: done rows, the time and type/code of error rows, and
+    for every row with a finish time (aligned with the summary's times) its tokens, cost and currency, for the
+    cumulative lines: 14 to 18 bytes a row."""
 
     def __init__(self) -> None:
         self.done = 0
         self.errors: list[tuple[np.ndarray, np.ndarray]] = []
-        self.tokens: list[tuple[np.ndarray, np.ndarray]] = []
-        self.cost: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self.tokens: list[np.ndarray] = []
+        self.costs: list[np.ndarray] = []
+        self.currency: list[np.ndarray] = []  # int16 codes into currencies
+        self.currencies: dict[str, int] = {}
 
     def add(self, table: pa.Table) -> None:
         status = label_column(table, "status")
         self.done += int(pc.sum(pc.is_in(status, pa.array(["ok", "error"]))).as_py() or 0)
         row_times = _seconds(table)
-        timed = np.isfinite(row_times)
+        timed = np.isfinite(row_times)  # the rows report.Summary keeps a finish time of, in the same order
         is_error = pc.equal(status, "error").to_numpy(zero_copy_only=False) & timed
         if is_error.any():
             errors = table.filter(pa.array(is_error))
             labels = pc.binary_join_element_wise(label_column(errors, "error_type"),
                                                  label_column(errors, "error_code"), "/")
             self.errors.append((row_times[is_error], np.asarray(labels.to_pylist(), dtype=str)))
-        tokens = _floats(table, "total_tokens")
-        with_tokens = timed & np.isfinite(tokens)
-        if with_tokens.any():
-            self.tokens.append((row_times[with_tokens], tokens[with_tokens]))
-        costs = _floats(table, "cost")
-        priced = timed & np.isfinite(costs)
-        if priced.any():
-            currency = label_column(table, "currency").to_numpy(zero_copy_only=False)
-            for code in np.unique(currency[priced]).tolist():
-                mask = priced & (currency == code)
-                self.cost.setdefault(str(code), []).append((row_times[mask], costs[mask]))
+        self.tokens.append(_compact(_floats(table, "total_tokens")[timed]))
+        self.costs.append(_floats(table, "cost")[timed])
+        encoded = pc.dictionary_encode(label_column(table, "currency"))
+        if isinstance(encoded, pa.ChunkedArray):
+            encoded = encoded.combine_chunks()
+        codes = np.array([self.currencies.setdefault(str(c), len(self.currencies))
+                          for c in encoded.dictionary.to_pylist()] or [0], np.int16)
+        self.currency.append(codes[encoded.indices.to_numpy(zero_copy_only=False)][timed])
 
     def result(self, summary: Summary, *, total: int | None, now: float) -> ChartData:
         """The chart data, with the finish times, latencies and attempts ``summary`` gathered from the same
-        tables."""
+        tables. It takes those arrays over (call ``summary.result()`` first, if at all): arrays are joined one at
+        a time and dropped once used, so 10^7 rows stay under 1 GB."""
         section = summary.overall
-        times = np.sort(np.concatenate(section.times_ns)) / 1e9 if section.times_ns else np.empty(0)
-        latency = np.concatenate(section.latency) if section.latency else np.empty(0)
+        seconds = _popped(section.times_ns, np.int64) / 1e9  # in table order: aligned with tokens and costs
+        times = seconds if _ordered(seconds) else np.sort(seconds)
+        latency = _popped(section.latency, np.float64)
+        latency_histogram, latency_marks = histogram(latency), percentiles(latency)
+        del latency
         finish_at, whole = _finish_at(times, self.done, total, now)
         rows = buckets(times)
         rows_done = _line(times, None, self.done, total, finish_at)
         if rows_done is not None and rows_done.projection is not None and total is not None:
             rows_done = Line(rows_done.xs, rows_done.ys, (rows_done.projection[0], float(total)))
-        error_times, error_labels = _joined(self.errors)
+        recent = recent_rate_per_min(times, now)
+        del times
+        error_times = np.concatenate([t for t, _ in self.errors]) if self.errors else np.empty(0)
+        error_labels = np.concatenate([labels for _, labels in self.errors]) if self.errors else np.empty(0, str)
         labels, matrix = stacked_buckets(error_times, error_labels, start=rows.start, width_s=rows.width_s,
                                          count=len(rows.counts))
-        token_times, tokens = _joined(self.tokens)
+        token_line = _line(*_masked(seconds, _popped(self.tokens, np.float64)), self.done, total, finish_at)
+        costs, currency = _popped(self.costs, np.float64), _popped(self.currency, np.int16)
+        cost = {}
+        for name, code in sorted(self.currencies.items()):
+            line = _line(*_masked(seconds, costs, currency == code), self.done, total, finish_at)
+            if line is not None:
+                cost[name] = line
         return ChartData(
-            done=self.done, total=total, recent_rate_per_min=recent_rate_per_min(times, now),
-            whole_rate_per_min=whole, finish_at=finish_at, rows=rows, rows_done=rows_done,
-            latency=histogram(latency), latency_marks=percentiles(latency),
+            done=self.done, total=total, recent_rate_per_min=recent, whole_rate_per_min=whole, finish_at=finish_at,
+            rows=rows, rows_done=rows_done, latency=latency_histogram, latency_marks=latency_marks,
             attempts=[(f"{k} attempt{'s' if k != 1 else ''}", float(v)) for k, v in sorted(section.attempts.items())],
-            error_labels=labels, error_matrix=matrix,
-            tokens=_line(token_times, tokens, self.done, total, finish_at) if token_times.size else None,
-            cost={code: line for code in sorted(self.cost)
-                  if (line := _line(*_joined(self.cost[code]), self.done, total, finish_at)) is not None},
+            error_labels=labels, error_matrix=matrix, tokens=token_line, cost=cost,
         )
 
 
-def _joined(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    if not pairs:
-        return np.empty(0), np.empty(0)
-    return np.concatenate([a for a, _ in pairs]), np.concatenate([b for _, b in pairs])
+def _masked(times: np.ndarray, values: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The times and values of rows with a value (and in ``mask``), copied only when some row is left out."""
+    keep = np.isfinite(values) if mask is None else mask & np.isfinite(values)
+    if keep.all():
+        return times, values
+    values = values[keep]  # the full array is released here, before the times are copied
+    return times[keep], values
+
+
+def _compact(values: np.ndarray) -> np.ndarray:
+    """Token counts as float32 when that holds them exactly (it does every count up to 2^24), else float64."""
+    narrow = values.astype(np.float32)
+    return narrow if np.array_equal(narrow, values, equal_nan=True) else values
+
+
+def _popped(chunks: list[np.ndarray], dtype: Any) -> np.ndarray:
+    """The chunks end to end, emptying ``chunks`` as they are copied (memory: the result and one chunk)."""
+    rows = sum(len(chunk) for chunk in chunks)
+    if not rows:
+        return np.empty(0, dtype)
+    out = np.empty(rows, np.result_type(*chunks))
+    at = 0
+    chunks.reverse()
+    while chunks:
+        chunk = chunks.pop()
+        out[at: at + len(chunk)] = chunk
+        at += len(chunk)
+    return out
+
+
+def _ordered(values: np.ndarray) -> bool:
+    return bool(np.all(values[1:] >= values[:-1])) if values.size > 1 else True
 
 
 def chart_data(df: pd.DataFrame, *, total: int | None = None, now: float | None = None) -> ChartData:
@@ -430,8 +465,8 @@ def render_output_html(output: str | Path, *, by: str | None = None, total: int 
     now = time.time() if now is None else now
     charts = ChartTally()
     summary, structured = scan_output(output, by=by, also=charts.add)
-    data = charts.result(summary, total=total, now=now)
-    return _page(summary.result(structured=structured), data, output=output, now=now, writer=writer)
+    figures = summary.result(structured=structured)
+    return _page(figures, charts.result(summary, total=total, now=now), output=output, now=now, writer=writer)
 
 
 def _page(summary: dict[str, Any], data: ChartData, *, output: str | Path, now: float, writer: str) -> str:
