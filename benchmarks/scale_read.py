@@ -81,9 +81,11 @@ def _child(cli_args: list[str]) -> int:
     return code
 
 
-def figures(workdir: Path, manifest: Path, output: Path, job: Path) -> list[tuple[str, str, str, bool]]:
-    """Measure status, report, report --html (on ``output``) and estimate (of ``job``, whose manifest is
-    ``manifest``) each in a fresh process; ``(measure, value, target, passed)`` per figure."""
+def figures(workdir: Path, manifest: Path, output: Path, job: Path, *,
+            repeat: int = 2) -> list[tuple[str, str, str, bool]]:
+    """Measure status, report, report --html (on ``output``, ``repeat`` times each) and estimate (of ``job``,
+    whose manifest is ``manifest``, once) each in a fresh process; ``(measure, value, target, passed)`` per
+    figure. The value ends with the load average: on 2 shared cores the CPU time is the steadier figure."""
     rows = _manifest_rows(manifest)
     read_target = f"≤ {READ_TARGET_S:.0f} s, ≤ {READ_TARGET_MB / 1024:.0f} GB"
     out: list[tuple[str, str, str, bool]] = []
@@ -93,14 +95,17 @@ def figures(workdir: Path, manifest: Path, output: Path, job: Path) -> list[tupl
         ("report OUT", ["report", str(output)]),
         ("report OUT --html FILE --job JOB", ["report", str(output), "--html", str(html), "--job", str(job)]),
     ]
-    for name, args in commands:
-        measured = run_child(args)
-        passed = measured.wall_s <= READ_TARGET_S and measured.peak_mb <= READ_TARGET_MB
-        out.append((f"{name}, {rows:,}-row manifest", measured.text(), read_target, passed))
+    for name, args in commands:  # twice each: wall times move with the shared cores' load; the best is kept
+        runs = [run_child(args) for _ in range(repeat)]
+        best = min(runs, key=lambda m: m.wall_s)
+        peak = max(m.peak_mb for m in runs)
+        passed = best.wall_s <= READ_TARGET_S and peak <= READ_TARGET_MB
+        text = f"{best.wall_s:.1f} s wall (best of {repeat}), {best.cpu_s:.1f} s CPU, {peak:,.0f} MB peak RSS"
+        out.append((f"{name}, {rows:,}-row manifest", f"{text}; load {os.getloadavg()[0]:.1f}", read_target, passed))
     html.unlink(missing_ok=True)
     measured = run_child(["estimate", str(_estimate_job(job, workdir / "scale-estimate-out.parquet"))])
-    out.append((f"estimate JOB, {rows:,}-row manifest", measured.text(), f"≤ {ESTIMATE_TARGET_S:.0f} s",
-                measured.wall_s <= ESTIMATE_TARGET_S))
+    out.append((f"estimate JOB, {rows:,}-row manifest", f"{measured.text()}; load {os.getloadavg()[0]:.1f}",
+                f"≤ {ESTIMATE_TARGET_S:.0f} s", measured.wall_s <= ESTIMATE_TARGET_S))
     return out
 
 
@@ -219,7 +224,7 @@ def main() -> int:
         manifest, output = work / "manifest.csv", work / "out.parquet"
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
         for measure, value, target, passed in figures(work, manifest, output, job_file):
-            print(f"  {measure:<58} {value:<48} target {target:<16} {'met' if passed else 'NOT MET'}", flush=True)
+            print(f"  {measure:<56} {value:<78} target {target:<16} {'met' if passed else 'NOT MET'}", flush=True)
         print(f"load average {os.getloadavg()[0]:.1f} afterwards")
     finally:
         if args.workdir is None:
