@@ -9,8 +9,9 @@ per-row arrays a percentile or a chart needs (see report.py, report_html.py, sta
 Two passes over the parts and journal segments, listed once: the first reads the id column only and finds the
 rows a later row with the same id replaces (ids compared by a 64-bit hash, ``id_hashes``); the second
 reads the wanted columns and drops those rows. A run may fold a journal segment into a part, append to a segment,
-or compact the parts between the two passes: a segment that grew is read up to the rows the first pass saw, and a
-file that vanished restarts the scan (at most ``_ATTEMPTS`` times), so the figures describe one moment.
+or compact the parts meanwhile: every file is opened before the first pass and read through that handle (an
+unlinked file stays readable while open), and a segment that grew is read up to the rows the first pass saw, so
+the figures describe one moment.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from .damage import damaged_part
+from .errors import ConfigError
 from .store import OutputStore, _read_part_schema, _with_columns, conform, iter_segment
 
 __all__ = ["id_hashes", "newest_rows", "output_columns"]
@@ -29,27 +34,28 @@ __all__ = ["id_hashes", "newest_rows", "output_columns"]
 _ATTEMPTS = 3
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Source:
+    """One file of the output, opened when the scan starts: a fold or a compaction may unlink it meanwhile, and
+    the open handle still reads what it held (Linux keeps an unlinked file's content while it is open)."""
+
     kind: str  # "part" or "segment"
     path: Path
+    handle: BinaryIO
     rows: int = 0
-
-
-class OutputChanged(Exception):
-    """A file listed by the first pass is gone (a fold or compaction ran meanwhile): scan again."""
 
 
 def newest_rows(store: OutputStore, columns: list[str]) -> Iterator[pa.Table]:
     """Tables (one per part or journal segment, in write order) holding ``columns`` (ask for the id column if it
-    is needed) of every row that no later row with the same id replaces; columns a file lacks come back as nulls."""
-    for attempt in range(_ATTEMPTS):
-        sources, drop = _first_pass(store)
-        try:
-            yield from _second_pass(store, sources, drop, columns, restartable=attempt < _ATTEMPTS - 1)
-            return
-        except OutputChanged:
-            continue
+    is needed) of every row that no later row with the same id replaces; columns a file lacks come back as nulls.
+    """
+    sources = _open_sources(store)
+    try:
+        drop = _first_pass(store, sources)
+        yield from _second_pass(store, sources, drop, list(dict.fromkeys(columns)))
+    finally:
+        for source in sources:
+            source.handle.close()
 
 
 def output_columns(store: OutputStore) -> list[str]:
@@ -64,66 +70,73 @@ def output_columns(store: OutputStore) -> list[str]:
     return list(names)
 
 
-def _first_pass(store: OutputStore) -> tuple[list[_Source], np.ndarray]:
-    """The files to read, with their row counts, and which rows (in file order) a later row replaces."""
-    sources, hashes = [], []
-    for _, part in store.parts():
-        ids = store._read_part(part, [store.id_column]).column(store.id_column)
-        sources.append(_Source("part", part, len(ids)))
-        hashes.append(id_hashes(ids))
-    for _, segment in store.segments():
-        ids = _segment_ids(store, segment)
-        if ids is None:
+def _open_sources(store: OutputStore) -> list[_Source]:
+    """Open every part and journal segment: one moment's output. Segments are listed before parts, so a segment
+    folded in between is seen twice (the ids then match, and the later copy is kept), never missed; a file
+    gone before it could be opened means the listing is stale, so it is taken again."""
+    for _ in range(_ATTEMPTS):
+        listed = [("segment", path) for _, path in store.segments()]
+        listed = [("part", path) for _, path in store.parts()] + listed
+        opened: list[_Source] = []
+        try:
+            for kind, path in listed:
+                opened.append(_Source(kind, path, open(path, "rb")))  # closed by newest_rows
+            return opened
+        except FileNotFoundError:
+            for source in opened:
+                source.handle.close()
+    raise ConfigError(f"{store.path} kept changing while it was being read (a run is folding or compacting it); "
+                      "try again")
+
+
+def _first_pass(store: OutputStore, sources: list[_Source]) -> np.ndarray:
+    """Count each file's rows, and find which rows (in file order) a later row replaces."""
+    hashes = []
+    for source in sources:
+        table = _read(store, source, [store.id_column])
+        if table is None or store.id_column not in table.column_names:  # nothing committed, or no ids: skipped
             continue
-        sources.append(_Source("segment", segment, len(ids)))
-        hashes.append(id_hashes(ids))
-    return sources, _superseded(np.concatenate(hashes) if hashes else np.empty(0, np.uint64))
+        source.rows = table.num_rows
+        hashes.append(id_hashes(table.column(store.id_column)))
+    return _superseded(np.concatenate(hashes) if hashes else np.empty(0, np.uint64))
 
 
-def _segment_ids(store: OutputStore, segment: Path) -> pa.ChunkedArray | None:
-    table = _segment_table(store, segment)
-    if table is None or store.id_column not in table.column_names:
-        return None
-    return table.column(store.id_column)
-
-
-def _segment_table(store: OutputStore, segment: Path) -> pa.Table | None:
-    """A journal segment's rows as ``store._iter_tables`` reads them (None: empty, or unreadable columns)."""
-    batches = list(iter_segment(segment))
+def _read(store: OutputStore, source: _Source, columns: list[str]) -> pa.Table | None:
+    """``columns`` of one file (those it has); None for a journal segment with nothing readable."""
+    if source.kind == "part":
+        try:
+            source.handle.seek(0)
+            file = pq.ParquetFile(source.handle, page_checksum_verification=True)
+            present = set(file.schema_arrow.names)
+            return file.read(columns=[c for c in columns if c in present])
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise damaged_part(source.path, store.state_dir, exc) from None
+    path = source.path if source.path.exists() else Path(f"/proc/self/fd/{source.handle.fileno()}")
+    batches = list(iter_segment(path))
     if not batches:
         return None
     try:
         if store.schema.names:
-            return pa.Table.from_batches([conform(b, store.schema) for b in batches], schema=store.schema)
-        return pa.Table.from_batches(batches)
+            table = pa.Table.from_batches([conform(b, store.schema) for b in batches], schema=store.schema)
+        else:
+            table = pa.Table.from_batches(batches)
     except (pa.ArrowException, ValueError):  # columns a damaged header renamed or retyped (store logs it)
         return None
+    return table.select([c for c in columns if c in table.column_names])
 
 
-def _second_pass(store: OutputStore, sources: list[_Source], drop: np.ndarray, columns: list[str], *,
-                 restartable: bool) -> Iterator[pa.Table]:
-    wanted = list(dict.fromkeys(columns))
+def _second_pass(store: OutputStore, sources: list[_Source], drop: np.ndarray,
+                 columns: list[str]) -> Iterator[pa.Table]:
     offset = 0
     for source in sources:
-        if not source.path.exists():
-            if restartable:
-                raise OutputChanged(str(source.path))
-            offset += source.rows
+        if not source.rows:
             continue
-        if source.kind == "part":
-            table = _with_columns(store._read_part(source.path, wanted), wanted)
-        else:
-            read = _segment_table(store, source.path)
-            if read is None:
-                offset += source.rows
-                continue
-            table = _with_columns(read, wanted).slice(0, source.rows)  # rows appended since the first pass: later
-        if len(table) != source.rows:
-            if restartable:
-                raise OutputChanged(str(source.path))
-            table = table.slice(0, source.rows)
-        dropped = drop[offset: offset + len(table)]
+        read = _read(store, source, columns)
+        table = _with_columns(read, columns).slice(0, source.rows) if read is not None else None
+        dropped = drop[offset: offset + source.rows]
         offset += source.rows
+        if table is None or len(table) < source.rows:  # cannot happen to an append-only file; kept safe
+            continue
         yield table.filter(pa.array(~dropped)) if dropped.any() else table
 
 

@@ -89,3 +89,23 @@ def test_id_hashes_compare_ids_as_text_whatever_their_lengths() -> None:
     many = np.concatenate([id_hashes(pa.array([f"img-{i}" for i in range(100_000)])),
                            id_hashes(pa.array([f"{i:012d}" for i in range(100_000)]))])
     assert len(np.unique(many)) == 200_000
+
+
+def test_a_part_removed_during_the_scan_is_still_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compaction that deletes a part between the two passes changes nothing: the scan reads the files it
+    opened at its start (the moment it describes), so every row is counted once."""
+    from qwenvl_batch import output_scan
+
+    first = pd.DataFrame({"id": ["a", "b"], "status": ["ok", "error"]})
+    second = pd.DataFrame({"id": ["c"], "status": ["ok"]})
+    output = write_output(tmp_path / "out.parquet", first, second)
+    original = output_scan._first_pass
+
+    def then_compact(store, sources):  # type: ignore[no-untyped-def]
+        drop = original(store, sources)
+        (output / "part-000001.parquet").unlink()
+        return drop
+
+    monkeypatch.setattr(output_scan, "_first_pass", then_compact)
+    rows = pa.concat_tables(newest_rows(open_for_reading(output), ["id", "status"])).to_pylist()
+    assert [row["id"] for row in rows] == ["a", "b", "c"]
