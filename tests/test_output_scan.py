@@ -109,3 +109,17 @@ def test_a_part_removed_during_the_scan_is_still_read_whole(tmp_path: Path, monk
     monkeypatch.setattr(output_scan, "_first_pass", then_compact)
     rows = pa.concat_tables(newest_rows(open_for_reading(output), ["id", "status"])).to_pylist()
     assert [row["id"] for row in rows] == ["a", "b", "c"]
+
+
+def test_structured_answer_figures_of_an_output_equal_those_of_its_frame(tmp_path: Path) -> None:
+    """An [output.schema] job's fill rates, parse errors and repairs are the same read a part at a time."""
+    frame = long_run_frame(rows=600)
+    frame["answer.caption"] = np.where(frame.index % 3 == 0, None, "a caption")
+    frame["repairs"] = pd.array(np.where(frame.index % 7 == 0, 1, 0), dtype="Int32")
+    frame["repair_cost"] = np.where(frame.index % 7 == 0, 0.0001, np.nan)
+    frame["currency"] = "USD"
+    frame.loc[frame.index % 11 == 0, ["status", "error_type", "error_code"]] = ["error", "parse", "json"]
+    output = write_output(tmp_path / "out.parquet", frame.iloc[:250], frame.iloc[250:])
+    expected = summarize(load_results(output))
+    assert expected["structured"]["parse_errors"] > 0 and expected["structured"]["rows_repaired"] > 0
+    _same(summarize_output(output), expected)
