@@ -33,7 +33,7 @@ from .errors import ConfigError
 from .structured import ANSWER_PREFIX, answer_lines, summarize_answers
 
 __all__ = [
-    "OUTPUT_COLUMNS", "Summary", "cell", "frame_table", "grouped_tables", "header_lines", "label_column",
+    "OUTPUT_COLUMNS", "Summary", "cell", "floats", "frame_table", "grouped_tables", "header_lines", "label_column",
     "output_table", "render", "right_aligned", "scan_output", "summarize", "summarize_output",
 ]  # fmt: skip
 
@@ -242,6 +242,13 @@ def _counts(values: pa.Array | pa.ChunkedArray) -> Counter[Any]:
     return Counter(dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())))
 
 
+def floats(table: pa.Table, column: str) -> np.ndarray:
+    """A number column as float64 with NaN for nulls (all NaN when the column is absent)."""
+    if column not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    return table.column(column).cast(pa.float64()).to_numpy(zero_copy_only=False)
+
+
 def _finite(table: pa.Table, column: str) -> np.ndarray:
     """A number column's values, nulls and NaN dropped (empty when the column is absent)."""
     if column not in table.column_names:
@@ -263,8 +270,8 @@ class _Section:
         self.usage_rows = 0
         self.tokens: dict[str, int | None] = {name: None for name, _ in _TOKEN_COLUMNS}
         self.cost_computed = False
-        self.cost_total: dict[tuple[str, ...], list[float]] = {}  # key -> [rows, input, output, cost]
-        self.cost_model: dict[tuple[str, ...], list[float]] = {}
+        self.cost_total: dict[tuple[str, ...], list[Any]] = {}  # key -> [rows, [input], [output], [cost] per table]
+        self.cost_model: dict[tuple[str, ...], list[Any]] = {}
         self.unpriced: Counter[str] = Counter()
         self.latency: list[np.ndarray] = []
         self.attempts: Counter[int] = Counter()
@@ -316,19 +323,24 @@ class _Section:
         priced = t.filter(pc.is_valid(cost))
         if not priced.num_rows:
             return
-        frame = pa.table({
-            "model": label_column(priced, "model"), "currency": label_column(priced, "currency"),
-            **{c: priced.column(c) if c in priced.column_names else pa.nulls(priced.num_rows, pa.float64())
-               for c in ("input_cost", "output_cost", "cost")},
-        })
-        sums = [("cost", "count"), ("input_cost", "sum", _SUM0), ("output_cost", "sum", _SUM0), ("cost", "sum", _SUM0)]
-        for row in frame.group_by(["model", "currency"], use_threads=False).aggregate(sums).to_pylist():
-            values = (row["cost_count"], row["input_cost_sum"], row["output_cost_sum"], row["cost_sum"])
-            keyed = (((row["model"], row["currency"]), self.cost_model), ((row["currency"],), self.cost_total))
-            for key, totals in keyed:
-                entry = totals.setdefault(key, [0, 0.0, 0.0, 0.0])
-                for i, value in enumerate(values):
-                    entry[i] += value
+        keys = pc.binary_join_element_wise(label_column(priced, "model"), label_column(priced, "currency"), "\x1f")
+        encoded = pc.dictionary_encode(keys)
+        if isinstance(encoded, pa.ChunkedArray):
+            encoded = encoded.combine_chunks()
+        groups = encoded.indices.to_numpy(zero_copy_only=False)
+        amounts = [floats(priced, c) for c in ("input_cost", "output_cost", "cost")]
+        for code, key in enumerate(encoded.dictionary.to_pylist()):
+            mask = None if len(encoded.dictionary) == 1 else groups == code
+            rows = priced.num_rows if mask is None else int(mask.sum())
+            # numpy's pairwise sums per table, added exactly (math.fsum) at the end: the totals a sum over the
+            # whole column would give, to the last digits, whatever the number of parts
+            parts = [float(np.nansum(a if mask is None else a[mask])) for a in amounts]
+            model, currency = key.split("\x1f")
+            for entry in (self.cost_model.setdefault((model, currency), [0, [], [], []]),
+                          self.cost_total.setdefault((currency,), [0, [], [], []])):
+                entry[0] += rows
+                for i, part in enumerate(parts, start=1):
+                    entry[i].append(part)
 
     def result(self) -> dict[str, Any]:
         order = {"ok": 0, "error": 1, _PENDING: 3}
@@ -361,10 +373,10 @@ def _example(message: str | None) -> str | None:
     return text if len(text) <= _EXAMPLE_CHARS else text[: _EXAMPLE_CHARS - 1].rstrip() + "…"
 
 
-def _cost_table(sums: dict[tuple[str, ...], list[float]], keys: list[str]) -> list[dict[str, Any]]:
+def _cost_table(sums: dict[tuple[str, ...], list[Any]], keys: list[str]) -> list[dict[str, Any]]:
     out = []
     for key in sorted(sums):
-        rows, input_cost, output_cost, cost = sums[key]
+        rows, input_cost, output_cost, cost = sums[key][0], *(math.fsum(parts) for parts in sums[key][1:])
         out.append(
             {
                 **{k: str(v) for k, v in zip(keys, key)},

@@ -27,6 +27,7 @@ from .charts import Series
 from .report import (
     Summary,
     cell,
+    floats,
     frame_table,
     grouped_tables,
     header_lines,
@@ -115,12 +116,6 @@ def _seconds(table: pa.Table) -> np.ndarray:
     return seconds
 
 
-def _floats(table: pa.Table, column: str) -> np.ndarray:
-    if column not in table.column_names:
-        return np.full(table.num_rows, np.nan)
-    return table.column(column).cast(pa.float64()).to_numpy(zero_copy_only=False)
-
-
 class ChartTally:
     """What the charts need beyond the summary (``report.Summary``, whose finish times, latencies and attempts
     they share), from normalised tables added one at a time: done rows, the time and type/code of error rows, and
@@ -146,8 +141,8 @@ class ChartTally:
             labels = pc.binary_join_element_wise(label_column(errors, "error_type"),
                                                  label_column(errors, "error_code"), "/")
             self.errors.append((row_times[is_error], np.asarray(labels.to_pylist(), dtype=str)))
-        self.tokens.append(_compact(_floats(table, "total_tokens")[timed]))
-        self.costs.append(_floats(table, "cost")[timed])
+        self.tokens.append(_compact(floats(table, "total_tokens")[timed]))
+        self.costs.append(floats(table, "cost")[timed])
         encoded = pc.dictionary_encode(label_column(table, "currency"))
         if isinstance(encoded, pa.ChunkedArray):
             encoded = encoded.combine_chunks()
