@@ -242,6 +242,19 @@ def _counts(values: pa.Array | pa.ChunkedArray) -> Counter[Any]:
     return Counter(dict(zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())))
 
 
+def _only(table: pa.Table, columns: list[str]) -> pa.Table:
+    """The table with just those of ``columns`` it has (filtering a few columns is cheaper than all of them)."""
+    return table.select([c for c in columns if c in table.column_names])
+
+
+def _encoded(labels: pa.Array | pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
+    """A label column as (its distinct values, each row's index into them)."""
+    encoded = pc.dictionary_encode(labels)
+    if isinstance(encoded, pa.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 def floats(table: pa.Table, column: str) -> np.ndarray:
     """A number column as float64 with NaN for nulls (all NaN when the column is absent)."""
     if column not in table.column_names:
@@ -295,10 +308,11 @@ class _Section:
             self.times_ns.append(stamps.astype("datetime64[ns]").view(np.int64))
 
     def _add_errors(self, t: pa.Table) -> None:
+        wanted = _only(t, ["error_type", "error_code", "error_message"])
         if "status" in t.column_names:
-            rows = t.filter(pc.fill_null(pc.equal(t.column("status"), "error"), False))
+            rows = wanted.filter(pc.fill_null(pc.equal(t.column("status"), "error"), False))
         elif "error_type" in t.column_names:
-            rows = t.filter(pc.is_valid(t.column("error_type")))
+            rows = wanted.filter(pc.is_valid(t.column("error_type")))
         else:
             return
         if not rows.num_rows:
@@ -319,23 +333,23 @@ class _Section:
         cost = t.column("cost") if "cost" in t.column_names else pa.nulls(t.num_rows, pa.float64())
         if "prompt_tokens" in t.column_names:
             usage = pc.and_(pc.is_valid(t.column("prompt_tokens")), pc.is_null(cost))
-            self.unpriced.update(_counts(label_column(t.filter(usage), "model")))
-        priced = t.filter(pc.is_valid(cost))
+            self.unpriced.update(_counts(label_column(_only(t, ["model"]).filter(usage), "model")))
+        priced = _only(t, ["model", "currency", "input_cost", "output_cost", "cost"])
+        if cost.null_count:
+            priced = priced.filter(pc.is_valid(cost))
         if not priced.num_rows:
             return
-        keys = pc.binary_join_element_wise(label_column(priced, "model"), label_column(priced, "currency"), "\x1f")
-        encoded = pc.dictionary_encode(keys)
-        if isinstance(encoded, pa.ChunkedArray):
-            encoded = encoded.combine_chunks()
-        groups = encoded.indices.to_numpy(zero_copy_only=False)
+        models, currencies = (_encoded(label_column(priced, c)) for c in ("model", "currency"))
+        groups = models[1] * len(currencies[0]) + currencies[1]
         amounts = [floats(priced, c) for c in ("input_cost", "output_cost", "cost")]
-        for code, key in enumerate(encoded.dictionary.to_pylist()):
-            mask = None if len(encoded.dictionary) == 1 else groups == code
+        single = len(models[0]) * len(currencies[0]) == 1
+        for code in ([0] if single else np.flatnonzero(np.bincount(groups)).tolist()):
+            mask = None if single else groups == code
             rows = priced.num_rows if mask is None else int(mask.sum())
             # numpy's pairwise sums per table, added exactly (math.fsum) at the end: the totals a sum over the
             # whole column would give, to the last digits, whatever the number of parts
             parts = [float(np.nansum(a if mask is None else a[mask])) for a in amounts]
-            model, currency = key.split("\x1f")
+            model, currency = models[0][code // len(currencies[0])], currencies[0][code % len(currencies[0])]
             for entry in (self.cost_model.setdefault((model, currency), [0, [], [], []]),
                           self.cost_total.setdefault((currency,), [0, [], [], []])):
                 entry[0] += rows
