@@ -224,7 +224,7 @@ def main() -> int:
         manifest, output = work / "manifest.csv", work / "out.parquet"
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
         for measure, value, target, passed in figures(work, manifest, output, job_file):
-            print(f"  {measure:<56} {value:<78} target {target:<16} {'met' if passed else 'NOT MET'}", flush=True)
+            print(f"  {measure:<58} {value:<78} target {target:<16} {'met' if passed else 'NOT MET'}", flush=True)
         print(f"load average {os.getloadavg()[0]:.1f} afterwards")
     finally:
         if args.workdir is None:
