@@ -39,7 +39,7 @@ from _common import simulator_process, synthetic_images
 from _fixtures import MAX_TOKENS, MODEL, PROMPT, job_dict
 
 from qwenvl_batch import job_from_dict
-from qwenvl_batch.client import ChatClient, _http_client, httpx
+from qwenvl_batch.client import ChatClient, httpx
 from qwenvl_batch.media import parse_image_cell, prepare_image
 from qwenvl_batch.request_body import json_body
 
