@@ -46,6 +46,11 @@ except ImportError:  # pragma: no cover - depends on the installed openai
 log = logging.getLogger(__name__)
 
 CHAT_PATH = "/chat/completions"
+# The SDK's telemetry headers (for OpenAI's servers, meaningless to others): each request builds its headers several
+# times over (the SDK's dict, httpx's Headers, the transport's), so 9 headers fewer is ~45 µs less per request.
+_TELEMETRY_HEADERS = ("X-Stainless-Lang", "X-Stainless-Package-Version", "X-Stainless-OS", "X-Stainless-Arch",
+                      "X-Stainless-Runtime", "X-Stainless-Runtime-Version", "X-Stainless-Async")
+_OPTIONS: Any = {"headers": {"x-stainless-retry-count": openai.Omit(), "x-stainless-read-timeout": openai.Omit()}}
 # Keyword arguments chat.completions.create takes by name (the typed path only); any other field is extra_body.
 _SDK_ARGUMENTS = ("model", "temperature", "top_p", "max_tokens", "seed", "stream", "stream_options")
 
@@ -95,9 +100,10 @@ class ChatClient:
             timeout=openai.Timeout(limits.timeout_s, connect=limits.connect_timeout_s,
                                    read=limits.stream_idle_timeout_s if self.stream else limits.timeout_s),
             http_client=_http_client(limits.http_client, limits.concurrency + 8),
-            # URL credentials become the Basic auth header on both transports (aiohttp refuses them in the URL)
-            default_headers={"Authorization": credentials} if credentials else None,
+            default_headers=_default_headers(credentials),
         )
+        base = self._client.base_url  # merged once, as the SDK merges a path with it on every request
+        self._chat_url = str(base.copy_with(raw_path=base.raw_path + CHAT_PATH.lstrip("/").encode()))
         self._body = _request_fields(job, stream=False)
         self._stream_body = _request_fields(job, stream=True)
 
@@ -130,9 +136,9 @@ class ChatClient:
             return await self._post_typed(body, messages, stream=stream)
         content = json_body(body, messages)
         if stream:
-            return await self._client.post(CHAT_PATH, cast_to=object, content=content, stream=True,
-                                           stream_cls=openai.AsyncStream[object])
-        return await self._client.post(CHAT_PATH, cast_to=httpx.Response, content=content)
+            return await self._client.post(self._chat_url, cast_to=object, content=content, stream=True,
+                                           stream_cls=openai.AsyncStream[object], options=_OPTIONS)
+        return await self._client.post(self._chat_url, cast_to=httpx.Response, content=content, options=_OPTIONS)
 
     async def _post_typed(self, body: dict[str, Any], messages: list[dict[str, Any]], *, stream: bool) -> Any:
         """The SDK's own path (``chat.completions.create``: param transforms, typed response models), kept only so
@@ -253,6 +259,15 @@ def _piece(value: Any) -> str:
     if value is None or isinstance(value, str):
         return value or ""
     return clean_text(value)[0] or ""
+
+
+def _default_headers(credentials: str | None) -> Any:
+    """Headers of every request: the SDK's telemetry ones left out; URL credentials as the Basic auth header on both
+    transports (aiohttp refuses them in the URL)."""
+    headers: dict[str, Any] = {name: openai.Omit() for name in _TELEMETRY_HEADERS}
+    if credentials:
+        headers["Authorization"] = credentials
+    return headers
 
 
 def _http_client(kind: str, connections: int) -> Any:
