@@ -240,6 +240,8 @@ def stall_figures(probe: Probe) -> dict[str, Any]:
         "stalls_over_50ms_sending": len(long_ones),
         "stalls_over_50ms_sending_by_cause": {cause: causes.count(cause) for cause in sorted(set(causes))},
         "stalls_over_50ms_sending_in_full_gc": len(overlapping(long_ones, probe.full_gcs)),
+        # seconds the whole process was not running while sending: another process had the cores
+        "descheduled_sending_s": sum(probe.stalls[i][1] for i in in_window if probe.stall_causes[i] == "descheduled"),
         "stall_worst_during_fold_s": max(overlapping(own, probe.folds), default=0.0),
         # a fold runs in the writer thread: it can only stall the loop by holding the GIL ("threads")
         "stall_worst_from_fold_s": max(overlapping([probe.stalls[i] for i in in_window
