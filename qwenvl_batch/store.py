@@ -658,23 +658,20 @@ class WriterFailed(JobError):
 class ResultWriter:
     """Appends result rows to the journal from a thread of its own, so disk I/O never stalls the event loop.
 
-    ``put`` is called from the event loop and only enqueues. The thread sleeps ``linger_s`` after the first row,
-    writes what arrived meanwhile (up to ``max_batch`` rows) as one record batch and flushes it, so a result
-    survives a crash of this process within ``linger_s`` of arriving. Why not a batch per row: each costs ~100 µs
-    holding the GIL and a thread wake-up per answer, which a wave of 512 answers pays 512 times while the event
-    loop waits; a batch per 50 ms pays it once. It fsyncs at most a second later (so it survives a power cut too),
-    and folds the segment into a Parquet part every ``fold_rows`` rows or ``fold_every_s`` seconds. If writing
-    fails, ``on_error`` is called at once (from the writer's thread) so the runner starts no new request; rows put
-    after that are counted as received but not stored.
+    ``put`` is called from the event loop and only enqueues. The thread writes whatever has queued up as one
+    record batch and flushes it at once (so a result survives a crash of this process within milliseconds of
+    arriving), fsyncs at most a second later (so it survives a power cut too), and folds the segment into a
+    Parquet part every ``fold_rows`` rows or ``fold_every_s`` seconds. If writing fails, ``on_error`` is called
+    at once (from the writer's thread) so the runner starts no new request; rows put after that are counted as
+    received but not stored.
     """
 
     _CLOSE = object()
 
     def __init__(self, store: OutputStore, *, max_batch: int = 2048, fsync_every_s: float = 1.0,
-                 linger_s: float = 0.05, on_error: Callable[[BaseException], None] | None = None) -> None:
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
         self.store = store
         self.max_batch = max_batch
-        self.linger_s = linger_s
         self.fsync_every_s = fsync_every_s
         self.on_error = on_error
         self.error: BaseException | None = None
@@ -760,8 +757,6 @@ class ResultWriter:
                 self._sync()
                 if self._fold_due():
                     self._fold()
-        if item is not self._CLOSE and self.linger_s > 0:
-            time.sleep(self.linger_s)  # let the rows of this moment gather (a sleep: no wake-up per row)
         while True:
             if item is self._CLOSE:
                 return rows, True

@@ -1,21 +1,18 @@
-"""The request's hot path: the body serialised once with the base64 spliced in, the SDK's raw and typed paths
-reading the same answer, and the result writer batching the rows of one moment."""
+"""The request's hot path: the body serialised once with the base64 spliced in, and the SDK's raw and typed paths
+reading the same answer."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 from conftest import image_rows, write_image, write_manifest
 
 from qwenvl_batch.client import ChatClient, Completion
 from qwenvl_batch.media import Base64URL, parse_image_cell, prepare_image
 from qwenvl_batch.request_body import _TOKEN, json_body
-from qwenvl_batch.store import OutputStore, ResultWriter, iter_segment, output_schema
 
 
 def _messages(url: str, text: str = "Caption this image.") -> list[dict[str, Any]]:
@@ -75,23 +72,3 @@ def test_raw_and_typed_sdk_paths_read_the_same_answer(tmp_path: Path, sim, make_
         assert {k: getattr(raw, k) for k in same} == {k: getattr(typed, k) for k in same}
     bodies = [entry["text"] for entry in sim.requests]
     assert len(bodies) == 4 and len(set(bodies)) == 1
-
-
-def test_rows_of_one_moment_are_one_journal_batch(tmp_path: Path) -> None:
-    """Rows put within the writer's linger time are written as one record batch (not one batch per row)."""
-    manifest = pa.schema([("id", pa.string()), ("image", pa.string())])
-    store = OutputStore(tmp_path / "out", output_schema(manifest), "id")
-    store.recover()
-    store.create()
-    writer = ResultWriter(store, linger_s=1.0).start()
-    try:
-        for i in range(20):
-            writer.put({"id": f"r{i}", "image": "a.jpg", "status": "ok", "fingerprint": "0" * 16})
-        deadline = time.monotonic() + 30
-        batches: list[pa.RecordBatch] = []
-        while time.monotonic() < deadline and sum(b.num_rows for b in batches) < 20:
-            time.sleep(0.1)
-            batches = [b for _, path in store.segments() for b in iter_segment(path)]
-        assert [b.num_rows for b in batches] == [20]
-    finally:
-        writer.close()
