@@ -98,10 +98,11 @@ class RowWorker:
     async def _prepare(self, rendered: RenderedRow, file_bytes: int) -> list[PreparedImage]:
         """Read, check and encode the row's images in a worker thread, small ones too: most of that work (reading
         the file, the truncation check's decode) runs without the GIL, so on another core while the event loop goes
-        on answering. Prepared on the loop, a wave of 512 answers waited ~0.45 ms per small JPEG decode each, and a
-        run at C=512 and 2 s latency reached 0.77 of C / latency instead of 0.96 (benchmarks/run.py, figure 2);
-        the thread hop costs ~0.06 ms of CPU. A few at a time (``preparing``): a 24 MP decode takes ~100 MB, and
-        more threads than cores only contend for the GIL. Rows with no local bytes (URLs) need no thread."""
+        on answering. Prepared on the loop, a wave of 512 answers waited ~0.45 ms per small JPEG decode each: at
+        C=512 and 2 s latency, 0.77 of C / latency instead of 0.93 (fixed), 0.70 instead of 1.00 (lognormal),
+        benchmarks/run.py figure 2; the thread hop costs ~0.06 ms of CPU (more with the httpx transport). A few
+        at a time (``preparing``): a 24 MP decode takes ~100 MB, and more threads than cores only contend for the
+        GIL. Rows with no local bytes (URLs) need no thread."""
         if file_bytes == 0:
             return prepare_all(rendered, self.run.resize)
         async with self.run.preparing:
