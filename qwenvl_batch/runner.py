@@ -217,8 +217,13 @@ class JobRun:
         self.stop(writer.failure())
 
     def _finish(self, plan: Plan, started: float) -> RunSummary:
+        # the persisted index vouches for fingerprints only when every row in it was checked or sent with them
+        complete = self._stop_reason is None and plan.to_do == self.counters.done
+        stamp = plan.stamp if plan.changed == 0 or complete else None
         if self._stop_reason is None:
-            self.store.finalize()
+            self.store.finalize(stamp=stamp)
+        elif not isinstance(self._stop_reason, WriterFailed):  # stopped: keep the next start fast all the same
+            self.store.save_resume_index(stamp=stamp)
         summary = self._summary(plan, started)
         if self._stop_reason is not None:
             if isinstance(self._stop_reason, JobError):
