@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 
@@ -243,6 +244,13 @@ def id_strings(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return as_text.to_numpy(zero_copy_only=False)
 
 
+def empty_ids(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Which ids of an id column are null or only whitespace (what IdTracker refuses), without a Python loop."""
+    text = column.cast(pa.string()) if column.type != pa.string() else column
+    empty = pc.or_kleene(pc.is_null(text), pc.equal(pc.utf8_trim_whitespace(text), "")).fill_null(True)
+    return np.asarray(empty.to_numpy(zero_copy_only=False), dtype=bool)
+
+
 def hash_ids(ids: np.ndarray) -> np.ndarray:
     """64-bit hashes of ids (pandas' vectorised SipHash): compact enough to keep 10^7 of them in memory."""
     if len(ids) == 0:
@@ -274,10 +282,15 @@ class IdTracker:
         self._hashes: list[np.ndarray] = []
         self._duplicates: list[np.ndarray] = []
 
-    def add(self, ids: np.ndarray, hashes: np.ndarray | None = None, retain: np.ndarray | None = None) -> np.ndarray:
-        """Record one batch of id strings; returns their hashes for the caller's own lookups."""
+    def add(self, ids: np.ndarray, hashes: np.ndarray | None = None, retain: np.ndarray | None = None,
+            empty: np.ndarray | None = None) -> np.ndarray:
+        """Record one batch of id strings; returns their hashes for the caller's own lookups. ``empty``: which ids
+        are empty, when the caller has it (``empty_ids``, vectorised) — else it is found here, row by row."""
         if len(self.empty_rows) < self.sample:
-            bad = [self.rows + i for i, value in enumerate(ids) if value is None or not str(value).strip()]
+            if empty is not None:
+                bad = (self.rows + np.flatnonzero(empty)[: self.sample]).tolist()
+            else:
+                bad = [self.rows + i for i, value in enumerate(ids) if value is None or not str(value).strip()]
             self.empty_rows.extend(bad[: self.sample - len(self.empty_rows)])
         hashes = hash_ids(ids) if hashes is None else hashes
         self._hashes.append(hashes if retain is None else hashes[retain])

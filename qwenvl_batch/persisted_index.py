@@ -85,6 +85,7 @@ class Entries:
     hashes: np.ndarray
     fingerprints: np.ndarray
     ok: np.ndarray
+    source: Path | None = None  # the index file they are mapped from (``write`` reads it, not the mapping)
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -177,10 +178,12 @@ def _crc(path: Path, rows: int) -> int:
 def _mapped(path: Path, rows: int) -> Entries:
     if rows == 0:
         return Entries.empty()
-    hashes = np.memmap(path, dtype="<u8", mode="r", offset=_DATA_OFFSET, shape=(rows,))
-    fingerprints = np.memmap(path, dtype="<u8", mode="r", offset=_DATA_OFFSET + 8 * rows, shape=(rows,))
-    ok = np.memmap(path, dtype=np.bool_, mode="r", offset=_DATA_OFFSET + 16 * rows, shape=(rows,))
-    return Entries(hashes, fingerprints, ok)
+    # plain ndarray views of the mappings (np.memmap's own indexing adds a Python layer to every lookup)
+    hashes = np.memmap(path, dtype="<u8", mode="r", offset=_DATA_OFFSET, shape=(rows,)).view(np.ndarray)
+    fingerprints = np.memmap(path, dtype="<u8", mode="r", offset=_DATA_OFFSET + 8 * rows,
+                             shape=(rows,)).view(np.ndarray)
+    ok = np.memmap(path, dtype=np.bool_, mode="r", offset=_DATA_OFFSET + 16 * rows, shape=(rows,)).view(np.ndarray)
+    return Entries(hashes, fingerprints, ok, source=path)
 
 
 def write(state_dir: Path, id_column: str, base: Entries, recent: Entries, parts: list[PartSummary], *,
@@ -201,8 +204,10 @@ def write(state_dir: Path, id_column: str, base: Entries, recent: Entries, parts
     try:
         with open(tmp, "wb") as handle:
             handle.write(_MAGIC + bytes(8))
-            for name, dtype in (("hashes", "<u8"), ("fingerprints", "<u8"), ("ok", np.uint8)):
-                for chunk in _merged(getattr(base, name), getattr(recent, name), pos, replaces):
+            sections: tuple[tuple[str, str], ...] = (("hashes", "<u8"), ("fingerprints", "<u8"), ("ok", "u1"))
+            for number, (name, dtype) in enumerate(sections):
+                chunks = _file_chunks(base, number) if base.source is not None else None
+                for chunk in _merged(getattr(base, name), getattr(recent, name), pos, replaces, chunks):
                     data = np.ascontiguousarray(chunk, dtype=dtype).tobytes()
                     crc = zlib.crc32(data, crc)
                     handle.write(data)
@@ -218,15 +223,34 @@ def write(state_dir: Path, id_column: str, base: Entries, recent: Entries, parts
         tmp.unlink(missing_ok=True)
 
 
-def _merged(base: np.ndarray, recent: np.ndarray, pos: np.ndarray, replaces: np.ndarray) -> Iterator[np.ndarray]:
-    """One array of the merged index, chunk by chunk: ``recent``'s values replace equal hashes, the rest are
-    inserted where they sort (``pos``, from searchsorted on the base's hashes)."""
+def _bounds(n: int) -> list[tuple[int, int]]:
+    return [(start, min(start + _CHUNK, n)) for start in range(0, n, _CHUNK)] or [(0, 0)]
+
+
+def _file_chunks(base: Entries, section: int) -> Iterator[np.ndarray]:
+    """One section of a mapped index read from its file chunk by chunk: reading through the mapping would make
+    all of it resident in this process (170 MB at 10^7 rows) just to copy it."""
+    assert base.source is not None
     n = len(base)
-    bounds = [(start, min(start + _CHUNK, n)) for start in range(0, n, _CHUNK)] or [(0, 0)]
+    width = (8, 8, 1)[section]
+    dtype = ("<u8", "<u8", np.bool_)[section]
+    with open(base.source, "rb") as handle:
+        for start, end in _bounds(n):
+            handle.seek(_DATA_OFFSET + 8 * section * n + width * start)
+            yield np.fromfile(handle, dtype=dtype, count=end - start)
+
+
+def _merged(base: np.ndarray, recent: np.ndarray, pos: np.ndarray, replaces: np.ndarray,
+            chunks: Iterator[np.ndarray] | None = None) -> Iterator[np.ndarray]:
+    """One array of the merged index, chunk by chunk: ``recent``'s values replace equal hashes, the rest are
+    inserted where they sort (``pos``, from searchsorted on the base's hashes). ``chunks``: the base's chunks
+    as read from its file (else sliced from ``base``)."""
+    n = len(base)
+    bounds = _bounds(n)
     for number, (start, end) in enumerate(bounds):
         last = number == len(bounds) - 1
         here = (pos >= start) & ((pos <= end) if last else (pos < end))
-        chunk = np.array(base[start:end])
+        chunk = next(chunks) if chunks is not None else np.array(base[start:end])
         hit = here & replaces
         chunk[pos[hit] - start] = recent[hit]
         new = here & ~replaces

@@ -26,6 +26,7 @@ from .errors import ConfigError
 from .manifest import (
     IdTracker,
     Manifest,
+    empty_ids,
     hash_ids,
     id_strings,
     limited_batches,
@@ -117,10 +118,11 @@ def plan_rows(job: JobConfig, manifest: Manifest, renderer: RowRenderer, index: 
     plan = Plan(rows=0, todo=np.empty(0, bool), simulated=index.simulated, stamp=stamp)
     columns = list(dict.fromkeys([id_column, *renderer.fingerprint_columns]))
     for batch in limited_batches(manifest, job.run.limit, columns):
-        ids = id_strings(batch.column(id_column))
+        column = batch.column(id_column)
+        ids = id_strings(column)
         hashes = hash_ids(ids)
         located = index.locate(hashes)
-        tracker.add(ids, hashes, retain=~located.found)
+        tracker.add(ids, hashes, retain=~located.found, empty=empty_ids(column))
         tracker.add_duplicates(_seen_again(seen, located, hashes))
         todo = ~located.found
         if located.found.any():
@@ -198,7 +200,7 @@ def _redo_mask(job: JobConfig, batch: pa.RecordBatch, renderer: RowRenderer, loc
     changed = np.zeros(len(idx), bool)
     if check.any():
         rows = idx[check]
-        changed[check] = renderer.fingerprints(batch.take(pa.array(rows))) != located.fingerprints[rows]
+        changed[check] = renderer.fingerprints(batch.take(pa.array(rows))) != located.fingerprints(rows)
     failed = ~located.ok[idx]
     redo = (changed & job.run.rerun_changed) | (failed & job.run.retry_failed)
     plan.changed += int(changed.sum())

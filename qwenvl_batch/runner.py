@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -160,6 +161,8 @@ class JobRun:
             self._manifest_identity = planned_manifest
             committed = committed_spend(index.committed_costs, self.price.currency if self.price else None,
                                         output=self.job.output.path, capped=self.job.limits.max_cost is not None)
+            del index  # at 10^7 rows ~100 MB of mapped index: not needed while sending
+            release_unused_memory()
             self.store.create()
             self.spend = SpendMeter(self.job.limits.max_cost, committed)
             await self._execute(plan)
@@ -398,6 +401,14 @@ def stop_signals(handler: Callable[[int], None]) -> Iterator[None]:
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
+
+
+def release_unused_memory() -> None:
+    """Give back what the plan pass freed but the allocators keep (Arrow's pool, glibc's heap): at 10^7 rows the
+    pass leaves ~60 MB of freed pages that the whole run would otherwise carry. Best effort: a no-op elsewhere."""
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
