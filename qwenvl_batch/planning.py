@@ -2,10 +2,11 @@
 
 ``run`` and ``estimate`` share it, so they agree on what a job will do: the manifest's columns and ids, the
 prompt's fields, the price, the output folder (its owner, its columns, its rows already done), and — for a
-real run — the API key. The plan itself is one streamed pass over the manifest: every id is hashed (duplicates
-and empty ids stop the job here), looked up in what the output already holds, and for rows already done the
-fingerprint of what would be sent now is compared with what was sent then. The result is a bitmask of the rows
-to do (one byte per row), so the dispatch pass never re-derives it.
+real run — the API key. The plan itself is one streamed pass over the manifest's id and fingerprint columns:
+every id is hashed (duplicates and empty ids stop the job here), looked up in what the output already holds (the
+resume index, store.py), and for rows already done the fingerprint of what would be sent now is compared with
+what was sent then — unless the persisted index vouches for it (``fingerprint_stamp``). The result is a bitmask
+of the rows to do (one byte per row), so the dispatch pass never re-derives it.
 """
 
 from __future__ import annotations
@@ -163,6 +164,10 @@ def _seen_again(seen: np.ndarray, located: Located, hashes: np.ndarray) -> np.nd
     duplicate ids. Marks this batch's entries as taken."""
     slots = located.slots[located.found]
     again = seen[slots]
+    ordered = np.sort(slots)
+    if not (ordered[1:] == ordered[:-1]).any():  # the usual case: no id twice in this batch
+        seen[slots] = True
+        return hashes[located.found][again]
     order = np.argsort(slots, kind="stable")
     ordered = slots[order]
     repeat = np.zeros(len(slots), bool)

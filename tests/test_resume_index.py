@@ -186,3 +186,23 @@ def test_duplicate_ids_among_done_rows_are_refused(tmp_path: Path, make_job) -> 
     write_manifest(tmp_path / "m.csv", [*rows, {**rows[1], "image": rows[0]["image"]}])
     with pytest.raises(ConfigError, match="duplicate ids, e.g. 'row-0001'"):
         run_job(job)
+
+
+def test_index_lookups_agree_with_a_plain_binary_search() -> None:
+    """The bucketed lookup finds exactly what searchsorted finds, at the ends of the hash range too."""
+    from qwenvl_batch.persisted_index import Entries
+    from qwenvl_batch.store import ResumeIndex
+
+    rng = np.random.default_rng(7)
+    for size in (0, 5, 65, 1000, 50_000):
+        stored = np.unique(np.concatenate([rng.integers(0, 2**64 - 1, size, dtype=np.uint64, endpoint=True),
+                                           np.array([0, 2**64 - 1], np.uint64)]))[: max(size, 0)]
+        entries = Entries(stored, stored ^ np.uint64(1), (stored % np.uint64(3)) == 0)
+        index = ResumeIndex(Entries.empty(), entries, unique=len(stored))
+        wanted = np.concatenate([stored[::3], rng.integers(0, 2**64 - 1, 500, dtype=np.uint64, endpoint=True),
+                                 np.array([0, 1, 2**64 - 1], np.uint64)])
+        found, ok, fingerprints = index.lookup(wanted)
+        expected = np.isin(wanted, stored)
+        assert found.tolist() == expected.tolist()
+        assert (fingerprints[found] == (wanted[found] ^ np.uint64(1))).all()
+        assert (ok[found] == ((wanted[found] % np.uint64(3)) == 0)).all()
