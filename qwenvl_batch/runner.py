@@ -51,6 +51,9 @@ from .worker import Item, RowWorker
 log = logging.getLogger(__name__)
 
 
+REINDEX_ROWS = 100_000  # rows read from parts the persisted index did not cover that make it worth writing at once
+
+
 class StageFailed(JobError):
     """A stage of the pipeline (reader, worker, writer) failed; the run stopped and committed what was done."""
 
@@ -161,9 +164,11 @@ class JobRun:
             self._manifest_identity = planned_manifest
             committed = committed_spend(index.committed_costs, self.price.currency if self.price else None,
                                         output=self.job.output.path, capped=self.job.limits.max_cost is not None)
+            self.store.create()
+            if len(index.recent) >= REINDEX_ROWS:  # rebuilt, or many rows since: persist it now, not only at the end
+                self.store.save_resume_index(index, stamp=plan.stamp if plan.changed == 0 else None)
             del index  # at 10^7 rows ~100 MB of mapped index: not needed while sending
             release_unused_memory()
-            self.store.create()
             self.spend = SpendMeter(self.job.limits.max_cost, committed)
             await self._execute(plan)
             return self._finish(plan, started)

@@ -206,3 +206,14 @@ def test_index_lookups_agree_with_a_plain_binary_search() -> None:
         assert found.tolist() == expected.tolist()
         assert (fingerprints[found] == (wanted[found] ^ np.uint64(1))).all()
         assert (ok[found] == ((wanted[found] % np.uint64(3)) == 0)).all()
+
+
+def test_a_rebuilt_index_is_written_before_sending(tmp_path: Path, make_job, monkeypatch) -> None:
+    """A start that had to read many parts writes the index at once, so a kill during the run costs no rebuild."""
+    job, _ = _run(tmp_path, make_job, 3)
+    _index(job.output.path).unlink()
+    monkeypatch.setattr("qwenvl_batch.runner.REINDEX_ROWS", 1)
+    monkeypatch.setattr("qwenvl_batch.store.OutputStore.finalize", lambda self, **kwargs: None)  # no end-of-run write
+    run_job(job)
+    index = open_for_reading(job.output.path).resume_index()
+    assert len(index.base) == 3 and index.stamp
