@@ -740,18 +740,31 @@ def _covered(summaries: list[PartSummary], parts: list[tuple[int, Path]]) -> int
 
 def _newest(hashes: list[np.ndarray], ok: list[np.ndarray],
             fingerprints: list[np.ndarray]) -> tuple[Entries, bool]:
-    """Rows in file order → the newest per id hash, sorted; and whether any id came more than once."""
+    """Rows in file order → the newest per id hash, sorted; and whether any id came more than once.
+
+    Consumes the lists (they are emptied as they are joined) and drops each intermediate array as soon as it is
+    used: rebuilding a 10^7-row index this way peaks at about half of what keeping them all would."""
     if not hashes:
         return Entries.empty(), False
     all_hashes = np.concatenate(hashes)
+    hashes.clear()
     # newest wins: a stable sort keeps file order within equal hashes, so the last of each run is the newest
     order = np.argsort(all_hashes, kind="stable")
-    sorted_hashes = all_hashes[order]
-    last = np.ones(len(order), bool)
-    last[:-1] = sorted_hashes[1:] != sorted_hashes[:-1]
+    all_hashes = all_hashes[order]
+    rows = len(order)
+    last = np.ones(rows, bool)
+    last[:-1] = all_hashes[1:] != all_hashes[:-1]
     keep = order[last]
-    entries = Entries(sorted_hashes[last], np.concatenate(fingerprints)[keep], np.concatenate(ok)[keep])
-    return entries, bool(len(keep) < len(order))
+    del order
+    unique = all_hashes[last]
+    del all_hashes, last
+    joined = np.concatenate(fingerprints)
+    fingerprints.clear()
+    kept_fingerprints = joined[keep]
+    del joined
+    joined_ok = np.concatenate(ok)
+    ok.clear()
+    return Entries(unique, kept_fingerprints, joined_ok[keep]), bool(len(keep) < rows)
 
 
 def _superseded(hashes: np.ndarray) -> np.ndarray:
