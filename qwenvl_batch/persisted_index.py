@@ -207,8 +207,10 @@ def write(state_dir: Path, id_column: str, base: Entries, recent: Entries, parts
             sections: tuple[tuple[str, str], ...] = (("hashes", "<u8"), ("fingerprints", "<u8"), ("ok", "u1"))
             for number, (name, dtype) in enumerate(sections):
                 chunks = _file_chunks(base, number) if base.source is not None else None
-                for chunk in _merged(getattr(base, name), getattr(recent, name), pos, replaces, chunks):
-                    data = np.ascontiguousarray(chunk, dtype=dtype).tobytes()
+                merged = _merged(getattr(base, name), getattr(recent, name), pos, replaces, chunks) if len(base) \
+                    else _slices(getattr(recent, name))  # nothing to merge into (a rebuilt index): no copies
+                for chunk in merged:
+                    data = np.ascontiguousarray(chunk, dtype=dtype).data  # a view: no copy when it already fits
                     crc = zlib.crc32(data, crc)
                     handle.write(data)
             header = json.dumps({"format": FORMAT, "hash": HASH_SCHEME, "id_column": id_column, "rows": rows,
@@ -221,6 +223,11 @@ def write(state_dir: Path, id_column: str, base: Entries, recent: Entries, parts
         fsync_dir(state_dir)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _slices(values: np.ndarray) -> Iterator[np.ndarray]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start: start + _CHUNK]
 
 
 def _bounds(n: int) -> list[tuple[int, int]]:
