@@ -13,7 +13,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,11 +92,18 @@ def synthetic_images(folder: Path, count: int, size: tuple[int, int] = (320, 240
 
 
 def synthetic_manifest(path: Path, rows: int, images: list[str], image_dir: str = "img") -> Path:
-    frame = pd.DataFrame({
-        "id": [f"r{i:08d}" for i in range(rows)],
-        "image": [f"{image_dir}/{images[i % len(images)]}" for i in range(rows)],
-    })
-    frame.to_parquet(path, index=False)
+    """``rows`` rows (``id`` r00000000..., ``image`` cycling over ``images``) as Parquet, written a million rows at
+    a time so that 10^7 rows need no more memory than 10^6; written to a temporary name, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    schema = pa.schema([("id", pa.string()), ("image", pa.string())])
+    names = np.array([f"{image_dir}/{name}" for name in images], dtype=object)
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for start in range(0, rows, 1_000_000):
+            stop = min(start + 1_000_000, rows)
+            ids = pa.array([f"r{i:08d}" for i in range(start, stop)], pa.string())
+            cells = pa.array(names[np.arange(start, stop) % len(names)], pa.string())
+            writer.write_table(pa.table([ids, cells], schema=schema))
+    os.replace(tmp, path)
     return path
 
 

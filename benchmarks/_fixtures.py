@@ -3,11 +3,10 @@
 A pre-built output must be exactly what the runner would have written, or the resume figures measure the wrong
 thing (a wrong fingerprint makes every row "changed" and the run refuses to start; a wrong schema fails the
 schema check). So it is built from the library's own pieces: ``RowRenderer.fingerprints`` → ``fingerprint_hex``
-for the fingerprints, ``store.output_schema`` for the schema, and ``OutputStore`` for the rest: the rows are
-written as journal segments (``OUT.state/journal/seg-NNNNNN.arrows``, the layout store.py documents) and
-``OutputStore.recover()`` folds them into ``part-NNNNNN.parquet`` files exactly as it does after a crash, so the
-parts' compression, row groups and names are the store's own, whatever its internals. The benchmark then checks
-the plan: all done → "0 to do"; all but the last N → "N to do".
+for the fingerprints, ``store.output_schema`` for the schema, and ``OutputStore`` for the rest: its part writer
+writes ``part-NNNNNN.parquet`` files (compression, row groups, names: the store's own, whatever its internals)
+and ``OutputStore.finalize`` writes the persisted resume index as the end of a run does. The benchmark then
+checks the plan: all done → "0 to do"; all but the last N → "N to do".
 """
 
 from __future__ import annotations
@@ -21,13 +20,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from pyarrow import ipc
 
 from qwenvl_batch import job_from_dict
 from qwenvl_batch.config import JobConfig
 from qwenvl_batch.manifest import open_manifest
+from qwenvl_batch.persisted_index import INDEX_FILE
+from qwenvl_batch.planning import fingerprint_stamp
 from qwenvl_batch.prompt import RowRenderer, fingerprint_hex
-from qwenvl_batch.store import FOLD_ROWS, OutputStore, output_schema
+from qwenvl_batch.store import COMPACT_ROWS, ROW_GROUP_ROWS, OutputStore, output_schema
 
 MODEL = "qwen3-vl-flash"
 MAX_TOKENS = 100
@@ -71,11 +71,15 @@ def large_scans(folder: Path, count: int, target_bytes: int = 5_000_000) -> list
     return names
 
 
-def build_done_output(job: JobConfig, done_rows: int) -> float:
+def build_done_output(job: JobConfig, done_rows: int, *, part_rows: int = COMPACT_ROWS,
+                      stamped: bool = True) -> float:
     """Write an output in which the first ``done_rows`` manifest rows are finished ok; returns seconds taken.
 
-    One journal segment per ``FOLD_ROWS`` rows (what a run folds into one part), then ``recover()`` folds them.
-    Nothing is sent, so this takes seconds for 10^6 rows.
+    Parts of ``part_rows`` rows are written with the store's own part writer (``OutputStore._write_part``: its
+    compression, row groups, metadata and names), then ``OutputStore.finalize`` writes the persisted resume index
+    as a run's end does. ``stamped``: the index vouches for the rows' fingerprints as a run that checked them
+    leaves it (planning.fingerprint_stamp); False leaves it without, so the next start recomputes them.
+    Nothing is sent, and nothing goes through the journal, so 10^7 rows take a few minutes.
     """
     started = time.perf_counter()
     manifest = open_manifest(job.input.path, job.input.format)
@@ -87,27 +91,24 @@ def build_done_output(job: JobConfig, done_rows: int) -> float:
         raise RuntimeError(f"{job.output.path} is not empty; the fixture must start from nothing")
     store.create()  # OUT.state/: job.json, journal/, the lock
     seq, written = 1, 0
-    for batch in _segments_of(manifest.batches(), FOLD_ROWS):  # readers cap their batches; a part is FOLD_ROWS
+    for batch in _segments_of(manifest.batches(), part_rows):  # readers cap their batches; join them per part
         if written >= done_rows:
             break
         batch = batch.slice(0, done_rows - written)
-        segment = store.journal_dir / f"seg-{seq:06d}.arrows"
-        with pa.OSFile(str(segment), "wb") as sink, ipc.new_stream(sink, schema) as stream:
-            for chunk in _done_table(batch, renderer, schema, seed=seq).to_batches(max_chunksize=4096):
-                stream.write_batch(chunk)
+        table = _done_table(batch, renderer, schema, seed=seq)
+        store._write_part(table.to_batches(max_chunksize=ROW_GROUP_ROWS), seq)
         seq += 1
         written += batch.num_rows
-    store.recover()  # journal segments → parts, as after a crash
-    if store.segments() or len(store.parts()) != seq - 1:
-        raise RuntimeError(f"{job.output.path}: recover() left {len(store.segments())} segments and "
-                           f"{len(store.parts())} parts; expected 0 and {seq - 1}")
+    stamp = fingerprint_stamp(manifest, renderer) if stamped else None
+    store.finalize(target_rows=part_rows, stamp=stamp)  # the resume index, as a run's end writes it
+    if len(store.parts()) != seq - 1 or not (store.state_dir / INDEX_FILE).exists():
+        raise RuntimeError(f"{job.output.path}: {len(store.parts())} parts (expected {seq - 1}), or no resume index")
     store.unlock()  # the benchmark's run takes the output's lock itself
     return time.perf_counter() - started
 
 
 def _segments_of(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
-    """Consecutive batches joined into batches of ``rows`` rows (the last one shorter): one journal segment each,
-    as a run folds one part per ``FOLD_ROWS`` rows."""
+    """Consecutive batches joined into batches of ``rows`` rows (the last one shorter): one part each."""
     pending: list[pa.RecordBatch] = []
     count = 0
     for batch in batches:

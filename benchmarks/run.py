@@ -19,6 +19,7 @@ them as a markdown table with targets and PASS/FAIL.
     python benchmarks/run.py            # everything, about 15 minutes on 2 cores
     python benchmarks/run.py --quick    # smaller runs, about 5 minutes
     python benchmarks/run.py --only 2 7 # some figures
+    python benchmarks/run.py --scale    # the 10^7-row figures (benchmarks/scale.py)
 """
 
 from __future__ import annotations
@@ -604,22 +605,29 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs, about 5 minutes")
     parser.add_argument("--only", nargs="+", choices=sorted("1234567"), help="figures to run (default: all)")
     parser.add_argument("--workdir", type=Path, help="keep inputs and outputs here (default: a temporary folder)")
+    parser.add_argument("--scale", action="store_true", help="the 10^7-row figures instead (benchmarks/scale.py: "
+                        "fixtures built once under --workdir, then about 5 minutes plus an hour for the 10^6-row run)")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
-    figures = set(args.only or "1234567")
-    print(f"qwenvl-batch benchmark ({'quick' if args.quick else 'full'}) of {revision()} on {machine()}", flush=True)
+    figures = set() if args.scale else set(args.only or "1234567")
+    kind = "scale" if args.scale else "quick" if args.quick else "full"
+    print(f"qwenvl-batch benchmark ({kind}) of {revision()} on {machine()}", flush=True)
     report = Report()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qwenvl-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         bench = Bench(workdir, sizes, report)
+        if args.scale:
+            import scale
+
+            scale.run_scale(bench)
         for key in sorted(figures):
             if key in FIGURES:
                 _guarded(report, key, lambda key=key: FIGURES[key](bench))  # type: ignore[misc]
             elif key == min(figures & {"4", "5", "6"}):
                 _guarded(report, "4-6", lambda: fig_memory_resume_output(bench, figures))
-    print(f"\n## Summary ({'quick' if args.quick else 'full'}, {time.perf_counter() - started:,.0f} s)\n")
+    print(f"\n## Summary ({kind}, {time.perf_counter() - started:,.0f} s)\n")
     print(report.table())
     failed = sum(1 for r in report.results if r.passed is False)
     return 1 if failed else 0

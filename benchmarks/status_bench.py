@@ -114,7 +114,7 @@ def main() -> None:
         if output.exists():
             shutil.rmtree(output)
             shutil.rmtree(output.with_name(output.name + ".state"))
-        built = build_done_output(job, args.rows)
+        built = build_done_output(job, args.rows, part_rows=100_000)  # ~10 parts, as figure 9 was measured
         _add_recent_errors(output, manifest, args.rows, 2_000)
         job_file = _write_job(work / "job.toml", manifest, output)
         csv_job = _write_job(work / "job-csv.toml", csv_manifest, output)

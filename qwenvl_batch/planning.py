@@ -2,16 +2,20 @@
 
 ``run`` and ``estimate`` share it, so they agree on what a job will do: the manifest's columns and ids, the
 prompt's fields, the price, the output folder (its owner, its columns, its rows already done), and — for a
-real run — the API key. The plan itself is one streamed pass over the manifest: every id is hashed (duplicates
-and empty ids stop the job here), looked up in what the output already holds, and for rows already done the
-fingerprint of what would be sent now is compared with what was sent then. The result is a bitmask of the rows
-to do (one byte per row), so the dispatch pass never re-derives it.
+real run — the API key. The plan itself is one streamed pass over the manifest's id and fingerprint columns:
+every id is hashed (duplicates and empty ids stop the job here), looked up in what the output already holds (the
+resume index, store.py), and for rows already done the fingerprint of what would be sent now is compared with
+what was sent then — unless the persisted index vouches for it (``fingerprint_stamp``). The result is a bitmask
+of the rows to do (one byte per row), so the dispatch pass never re-derives it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +27,8 @@ from .errors import ConfigError
 from .manifest import (
     IdTracker,
     Manifest,
+    empty_ids,
+    hash_ids,
     id_strings,
     limited_batches,
     open_manifest,
@@ -31,7 +37,7 @@ from .manifest import (
 from .media import redacted_columns, stored_schema
 from .pricing import ModelPrice, PriceTable
 from .prompt import RowRenderer
-from .store import OutputStore, ResumeIndex, output_schema
+from .store import Located, OutputStore, ResumeIndex, output_schema
 from .structured import Structured, resolve, sending_job
 
 
@@ -46,6 +52,7 @@ class Plan:
     retried_errors: int = 0
     changed: int = 0
     simulated: int = 0  # rows already in the output that the simulator answered
+    stamp: str | None = None  # fingerprint_stamp of this manifest and job (None with --limit: rows unchecked)
 
     @property
     def to_do(self) -> int:
@@ -96,24 +103,78 @@ def open_job(job: JobConfig, prices: PriceTable | None = None, *, sending: bool 
 
 
 def plan_rows(job: JobConfig, manifest: Manifest, renderer: RowRenderer, index: ResumeIndex) -> Plan:
-    """Check every id and decide which rows to send; raises ConfigError before anything is spent."""
+    """Check every id and decide which rows to send; raises ConfigError before anything is spent.
+
+    Reads only the id and the columns fingerprints are made of. Duplicates among rows already in the output are
+    found by their index entry (a byte per entry), so only the hashes of rows not yet done are kept for the sort.
+    When the persisted index vouches for the fingerprints of its rows (``stamp``: the same manifest file and the
+    same settings), those rows' fingerprints are not recomputed; rows added since are always checked.
+    """
     id_column = job.input.id_column
+    stamp = fingerprint_stamp(manifest, renderer) if job.run.limit is None else None
+    vouched = stamp is not None and stamp == index.stamp
     tracker = IdTracker()
+    seen = np.zeros(index.slots, bool)
     masks: list[np.ndarray] = []
-    plan = Plan(rows=0, todo=np.empty(0, bool), simulated=index.simulated)
-    for batch in limited_batches(manifest, job.run.limit):
-        hashes = tracker.add(id_strings(batch.column(id_column)))
-        found, ok, committed = index.lookup(hashes)
-        todo = ~found
-        if found.any():
-            todo |= _redo_mask(job, batch, renderer, found, ok, committed, plan)
+    plan = Plan(rows=0, todo=np.empty(0, bool), simulated=index.simulated, stamp=stamp)
+    columns = list(dict.fromkeys([id_column, *renderer.fingerprint_columns]))
+    for batch in limited_batches(manifest, job.run.limit, columns):
+        column = batch.column(id_column)
+        ids = id_strings(column)
+        hashes = hash_ids(ids)
+        located = index.locate(hashes)
+        tracker.add(ids, hashes, retain=~located.found, empty=empty_ids(column))
+        tracker.add_duplicates(_seen_again(seen, located, hashes))
+        todo = ~located.found
+        if located.found.any():
+            todo |= _redo_mask(job, batch, renderer, located, vouched, plan)
         masks.append(todo)
+    del seen
     check = tracker.result(manifest, id_column, job.run.limit)
     _refuse_bad_ids(job, check.empty_rows, check.duplicates)
     plan.rows = check.rows
     plan.todo = np.concatenate(masks) if masks else np.empty(0, bool)
     _refuse_changed(job, plan)
     return plan
+
+
+def fingerprint_stamp(manifest: Manifest, renderer: RowRenderer) -> str | None:
+    """What a row's fingerprint depends on, besides the row: the manifest file(s) exactly as they are (path,
+    device, inode, size, modification and change times: an edit, a copy or a replacement changes it) and the
+    job's settings. None where rows depend on more than the files (a folder of images, document pages)."""
+    if type(manifest) is not Manifest or manifest.format == "images":
+        return None
+    described = []
+    for path in manifest.paths or (manifest.path,):
+        try:
+            stat = Path(path).stat()
+        except OSError:
+            return None
+        if not S_ISREG(stat.st_mode):
+            return None
+        described.append([str(Path(path).resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns,
+                          stat.st_ctime_ns])
+    text = json.dumps({"files": described, "root": str(manifest.root), "settings": renderer.settings_key,
+                       "columns": renderer.fingerprint_columns})
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _seen_again(seen: np.ndarray, located: Located, hashes: np.ndarray) -> np.ndarray:
+    """Hashes of rows already in the output whose entry an earlier row (or one before it here) already took:
+    duplicate ids. Marks this batch's entries as taken."""
+    slots = located.slots[located.found]
+    again = seen[slots]
+    ordered = np.sort(slots)
+    if not (ordered[1:] == ordered[:-1]).any():  # the usual case: no id twice in this batch
+        seen[slots] = True
+        return hashes[located.found][again]
+    order = np.argsort(slots, kind="stable")
+    ordered = slots[order]
+    repeat = np.zeros(len(slots), bool)
+    repeat[1:] = ordered[1:] == ordered[:-1]
+    again[order[repeat]] = True
+    seen[slots] = True
+    return hashes[located.found][again]
 
 
 def _refuse_changed(job: JobConfig, plan: Plan) -> None:
@@ -135,12 +196,17 @@ def _refuse_changed(job: JobConfig, plan: Plan) -> None:
     )
 
 
-def _redo_mask(job: JobConfig, batch: pa.RecordBatch, renderer: RowRenderer, found: np.ndarray, ok: np.ndarray,
-               committed: np.ndarray, plan: Plan) -> np.ndarray:
+def _redo_mask(job: JobConfig, batch: pa.RecordBatch, renderer: RowRenderer, located: Located, vouched: bool,
+               plan: Plan) -> np.ndarray:
     """For rows already in the output: which to send again (--retry-failed, --rerun-changed); counts the rest."""
+    found = located.found
     idx = np.nonzero(found)[0]
-    changed = renderer.fingerprints(batch.take(pa.array(idx))) != committed[idx]
-    failed = ~ok[idx]
+    check = ~located.vouched[idx] if vouched else np.ones(len(idx), bool)
+    changed = np.zeros(len(idx), bool)
+    if check.any():
+        rows = idx[check]
+        changed[check] = renderer.fingerprints(batch.take(pa.array(rows))) != located.fingerprints(rows)
+    failed = ~located.ok[idx]
     redo = (changed & job.run.rerun_changed) | (failed & job.run.retry_failed)
     plan.changed += int(changed.sum())
     plan.retried_errors += int((failed & redo).sum())

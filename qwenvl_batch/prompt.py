@@ -80,6 +80,16 @@ class RowRenderer:
         self._fingerprint_columns = sorted(used & set(columns))
         self._hash_key = hashlib.blake2b(_job_identity(job).encode(), digest_size=8).hexdigest()
 
+    @property
+    def fingerprint_columns(self) -> list[str]:
+        """The manifest columns a row's fingerprint is made of (the rest of it is the job's settings)."""
+        return list(self._fingerprint_columns)
+
+    @property
+    def settings_key(self) -> str:
+        """The job-wide part of every fingerprint, as a short hex digest (changes with any setting it covers)."""
+        return self._hash_key
+
     def _check_columns(self, columns: set[str]) -> None:
         where = f"{self.job.job_file or 'job'} [prompt]"
         for name, template in (("system", self.job.prompt.system), ("user", self.job.prompt.user)):
