@@ -55,7 +55,8 @@ def limiter_name(job: JobConfig, base_url: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class Grant:
-    """Booked start times, as delays from the actor's now, and the rate in force (to size the next batch)."""
+    """Booked start times, as delays from the actor's now (at most one beyond ``BOOK_AHEAD_S``), and the rate in
+    force (to size the next batch)."""
 
     delays: list[float]
     requests_per_s: float | None
@@ -73,8 +74,8 @@ class _LimiterActor:
         """Apply the caller's events, then book ``count`` request slots of ``tokens_each`` estimated tokens."""
         self.calls += 1
         self._apply(events)
-        delays = []
-        for _ in range(count):
+        delays: list[float] = []
+        while len(delays) < count and (not delays or delays[-1] <= BOOK_AHEAD_S):  # never far ahead of the rate
             delays.append(self.limiter.book(tokens_each))
             self.limiter.controller.started(time.monotonic(), tokens_each)
         self.granted += count
@@ -138,7 +139,7 @@ class RemoteLimiter(Limiter):
         self.calls = 0
 
     def _batch_size(self) -> int:
-        if self._rate is None:
+        if self._rate is None:  # unmetered (or not known yet): the actor stops booking BOOK_AHEAD_S ahead
             return MAX_BATCH
         return max(1, min(MAX_BATCH, math.floor(self._rate * BOOK_AHEAD_S / self.workers)))
 

@@ -326,6 +326,9 @@ def _run_shards(driver: _Driver, base_url: str | None, identity: tuple[int, int,
         actor = ShardWorker.options(scheduling_strategy="SPREAD", max_concurrency=1000).remote(
             shard_job, secret, shard=k, first_seq=first + k * SEQ_STRIDE, limiter=limiter, ledger=ledger,
             workers=driver.workers, committed_before=driver.committed, base_url=base_url)
+        actors[k] = (actor, todo)
+    _wait_started({k: actor for k, (actor, _) in actors.items()})
+    for k, (actor, todo) in list(actors.items()):  # all at once: no worker takes the whole rate before the rest
         actors[k] = actor
         running[actor.run.remote(todo, driver.plan.rows, identity)] = k
     progress = Progress(driver.plan.to_do, driver.counters, mode=job.run.progress)
@@ -341,9 +344,19 @@ def _run_shards(driver: _Driver, base_url: str | None, identity: tuple[int, int,
         wait_for_orphans(store, timeout_s=30.0)
 
 
+def _wait_started(actors: dict[int, Any]) -> None:
+    """Every worker constructed (its process started, the job opened there), or a JobError saying why not."""
+    ready = {actor.snapshot.remote(): k for k, actor in actors.items()}
+    done, pending = ray.wait(list(ready), num_returns=len(ready), timeout=START_TIMEOUT_S)
+    if pending:
+        raise JobError(f"the Ray cluster did not start {len(pending)} of {len(ready)} worker(s) within "
+                       f"{START_TIMEOUT_S:.0f} s (cluster resources: {ray.cluster_resources()}); each needs 1 CPU: "
+                       "lower --workers, or add nodes. Nothing was sent")
+
+
 def _watch(driver: _Driver, actors: dict[int, Any], running: dict[Any, int], progress: Progress) -> None:
     snapshots: dict[int, ShardCounters] = {}
-    last_done, waited = 0, 0.0
+    last_done = 0
     while running:
         done, _ = ray.wait(list(running), num_returns=len(running), timeout=POLL_S, fetch_local=True)
         for ref in done:
@@ -364,10 +377,6 @@ def _watch(driver: _Driver, actors: dict[int, Any], running: dict[Any, int], pro
         merge_counters(driver.counters, snapshots.values())
         progress.update(driver.counters.done - last_done)
         last_done = driver.counters.done
-        waited = time.monotonic() - driver.started
-        if not snapshots and running and waited > START_TIMEOUT_S:
-            raise JobError(f"the Ray cluster did not start {len(running)} worker(s) within {START_TIMEOUT_S:.0f} s "
-                           f"(cluster resources: {ray.cluster_resources()}); each needs 1 CPU: lower --workers")
 
 
 def _outcome_of(ref: Any, shard: int) -> ShardOutcome:
