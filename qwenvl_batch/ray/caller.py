@@ -17,6 +17,7 @@ crash re-pays the rows answered but not yet written (measured: 14 % of requests 
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 from pathlib import Path
 from typing import Any, TypeAlias, cast
@@ -72,7 +73,12 @@ class QwenVLCaller:
         assert self._slots is not None and self._run is not None
         fingerprints = fingerprint_hex(self._run.renderer.fingerprints(table))
         rows = table.to_pylist()
-        results = await asyncio.gather(*(self._one(worker, row, fp) for row, fp in zip(rows, fingerprints)))
+        worker = copy.copy(worker)  # a client per batch, closed with it (Ray Data has no teardown hook)
+        worker.client = ChatClient(self._run.job, api_key=self._run.job.api_key(), base_url=self.base_url)
+        try:
+            results = await asyncio.gather(*(self._one(worker, row, fp) for row, fp in zip(rows, fingerprints)))
+        finally:
+            await worker.client.close()
         return _like(batch, pa.Table.from_pylist(results, schema=self._output_schema(table.schema)))
 
     async def _one(self, worker: RowWorker, row: dict[str, Any], fingerprint: str) -> dict[str, Any]:
@@ -113,8 +119,9 @@ class QwenVLCaller:
                                          get_if_exists=True).remote(job.limits.max_cost, 0.0, self.workers)
             run.spend = LeasedSpend(ledger, id(self), job.limits.max_cost, 0.0)
         limiter = RemoteLimiter(shared_limiter(job, self.base_url), workers=self.workers)
-        client = ChatClient(job, api_key=job.api_key(), base_url=self.base_url)
-        self._worker = RowWorker(run, client, limiter, cast(Any, _Collected()), Progress(0, run.counters, mode="off"))
+        job.api_key()  # a missing key: refused on the first batch, before any request
+        self._worker = RowWorker(run, cast(Any, None), limiter, cast(Any, _Collected()),
+                                 Progress(0, run.counters, mode="off"))  # the client: one per batch, __call__
         self._run, self._schema = run, schema
         self._slots = asyncio.Semaphore(job.limits.concurrency)
         return self._worker

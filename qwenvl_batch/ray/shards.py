@@ -222,7 +222,8 @@ ShardWorker: Any = ray.remote(num_cpus=1)(_ShardWorker)  # typed Any: Ray's deco
 class _Driver:
     """The driver's view of a sharded run in progress."""
 
-    job: JobConfig
+    job: JobConfig  # as sent (planning.open_job's)
+    as_given: JobConfig  # as the caller gave it: what the workers open
     setup: JobSetup
     plan: Plan
     committed: float
@@ -246,6 +247,7 @@ def run_job_on_ray(job: JobConfig, *, address: str | None = None, workers: int =
         raise ConfigError("--ray runs realtime jobs; mode = \"batch\" hands the rows to the provider's Batch API, "
                           "which needs no cluster: run it without --ray")
     started = time.monotonic()
+    as_given = job  # what each worker opens again ([documents] and [output.schema] rewrite the job)
     setup = open_job(job, prices)  # every refusal, before Ray or any file
     job = setup.job
     store = setup.store
@@ -260,7 +262,7 @@ def run_job_on_ray(job: JobConfig, *, address: str | None = None, workers: int =
         committed = committed_spend(index.committed_costs, setup.price.currency if setup.price else None,
                                     output=job.output.path, capped=job.limits.max_cost is not None)
         store.create()
-        driver = _Driver(job, setup, plan, committed, workers, started)
+        driver = _Driver(job, as_given, setup, plan, committed, workers, started)
         if plan.to_do:
             with _simulated(job, base_url) as url, _connected(address, workers):
                 _run_shards(driver, url, identity)
@@ -315,7 +317,7 @@ def _run_shards(driver: _Driver, base_url: str | None, identity: tuple[int, int,
     first = store.next_seq()
     limiter = shared_limiter(job, base_url)
     ledger = SpendLedger.remote(job.limits.max_cost, driver.committed, driver.workers)
-    shard_job = with_overrides(job, {"progress": "off"})
+    shard_job = with_overrides(driver.as_given, {"progress": "off"})
     secret = _secret(job)
     actors: dict[int, Any] = {}
     running: dict[Any, int] = {}
@@ -384,10 +386,10 @@ def _outcome_of(ref: Any, shard: int) -> ShardOutcome:
     try:
         outcome: ShardOutcome = ray.get(ref)
         return outcome
-    except ConfigError as exc:
-        return ShardOutcome(shard, ShardCounters(), stop_kind="job", stop_message=str(exc))
     except RayError as exc:
-        cause = getattr(exc, "cause", None) or exc
+        cause = getattr(exc, "cause", None) or exc  # a task error carries the worker's exception (no traceback)
+        if isinstance(cause, (ConfigError, JobError)):
+            return ShardOutcome(shard, ShardCounters(), stop_kind="job", stop_message=str(cause))
         message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
         return ShardOutcome(shard, ShardCounters(), stop_kind="job",
                             stop_message=f"Ray worker for shard {shard} failed ({type(cause).__name__}: {message}); "
