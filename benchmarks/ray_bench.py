@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,48 @@ def ocr_job(folder: Path, pdf: Path, base_url: str, pages: int) -> JobConfig:
     }, base_dir=folder)
 
 
+class CpuSampler:
+    """CPU seconds of the job's processes (this one, the Ray shard workers, the render processes), sampled from
+    /proc every 0.2 s while the job runs (a process that ends keeps its last sample): the robust figure on a
+    shared machine, where wall-clock rates depend on what else runs."""
+
+    MARKERS = (b"ShardWorker", b"render_worker")
+
+    def __init__(self) -> None:
+        self.seen: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.seen.values())
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self._sample()
+
+    def _sample(self) -> None:
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            try:
+                if pid != os.getpid() and not any(m in (entry / "cmdline").read_bytes() for m in self.MARKERS):
+                    continue
+                self.seen[pid] = _cpu_s(pid)
+            except OSError:
+                continue
+
+
 def send_rate(log: Path) -> float:
     """Pages per second at the simulator, from its first to its last request."""
     times = sorted(entry["t"] for entry in iter_log_file(log))
@@ -81,11 +124,13 @@ def ocr(pages: int) -> None:
                 with simulator_process(log=log) as sim:
                     job = ocr_job(folder, pdf, sim.url, pages)
                     started = time.perf_counter()
-                    summary = run_job(job) if not workers else run_job_on_ray(job, workers=workers)
+                    with CpuSampler() as cpu:
+                        summary = run_job(job) if not workers else run_job_on_ray(job, workers=workers)
                     wall = time.perf_counter() - started
                 assert summary.ok == pages, summary.lines()
-                print(f"    {label:<22} {send_rate(log):5.1f} pages/s sent   (wall {wall:5.1f} s incl. start-up, "
-                      f"load average {os.getloadavg()[0]:.1f})")
+                print(f"    {label:<22} {send_rate(log):5.1f} pages/s sent; the job's processes used "
+                      f"{cpu.cpu_s / wall:.2f} cores, {1000 * cpu.cpu_s / pages:.0f} ms CPU per page (wall "
+                      f"{wall:5.1f} s incl. start-up, load average {os.getloadavg()[0]:.1f})")
         finally:
             ray.shutdown()
 

@@ -321,23 +321,20 @@ def _run_shards(driver: _Driver, base_url: str | None, identity: tuple[int, int,
     secret = _secret(job)
     actors: dict[int, Any] = {}
     running: dict[Any, int] = {}
-    for k in range(driver.workers):
-        todo = driver.plan.todo & (which == k)
-        if not todo.any():
-            continue
-        actor = ShardWorker.options(scheduling_strategy="SPREAD", max_concurrency=1000).remote(
-            shard_job, secret, shard=k, first_seq=first + k * SEQ_STRIDE, limiter=limiter, ledger=ledger,
-            workers=driver.workers, committed_before=driver.committed, base_url=base_url)
-        actors[k] = (actor, todo)
-    _wait_started({k: actor for k, (actor, _) in actors.items()})
-    for k, (actor, todo) in list(actors.items()):  # all at once: no worker takes the whole rate before the rest
-        actors[k] = actor
-        running[actor.run.remote(todo, driver.plan.rows, identity)] = k
     progress = Progress(driver.plan.to_do, driver.counters, mode=job.run.progress)
     driver.counters.to_do, driver.counters.prior_cost = driver.plan.to_do, driver.committed
     driver.counters.currency = driver.setup.price.currency if driver.setup.price else ""
     try:
-        with _driver_signals(driver, actors):
+        with _driver_signals(driver, actors):  # from the first worker on: a Ctrl-C while they start stops them too
+            todos = {k: driver.plan.todo & (which == k) for k in range(driver.workers)}
+            for k, todo in todos.items():
+                if todo.any():
+                    actors[k] = ShardWorker.options(scheduling_strategy="SPREAD", max_concurrency=1000).remote(
+                        shard_job, secret, shard=k, first_seq=first + k * SEQ_STRIDE, limiter=limiter,
+                        ledger=ledger, workers=driver.workers, committed_before=driver.committed, base_url=base_url)
+            _wait_started(actors)
+            for k, actor in actors.items():  # all at once: no worker takes the whole rate before the others start
+                running[actor.run.remote(todos[k], driver.plan.rows, identity)] = k
             _watch(driver, actors, running, progress)
     finally:
         progress.close()
