@@ -39,6 +39,7 @@ from documents_bench import write_archive
 from qwenvl_batch import job_from_dict, run_job
 from qwenvl_batch.config import JobConfig
 from qwenvl_batch.limits import Limiter
+from qwenvl_batch.media import pages as pages_module
 from qwenvl_batch.simulator import iter_log_file
 
 
@@ -63,11 +64,14 @@ class CpuSampler:
     /proc every 0.2 s while the job runs (a process that ends keeps its last sample): the robust figure on a
     shared machine, where wall-clock rates depend on what else runs."""
 
-    MARKERS = (b"ShardWorker", b"render_worker")
+    # Ray's shard workers, and render processes started with this interpreter (not another checkout's)
+    MARKERS = (b"ShardWorker", sys.executable.encode() + b"\x00-m\x00qwenvl_batch.media.render_worker")
 
     def __init__(self) -> None:
         self.seen: dict[int, float] = {}
         self._stop = threading.Event()
+        self._sample()
+        self._before = dict(self.seen)  # CPU so far of processes already there (this one, a render process)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> CpuSampler:
@@ -81,7 +85,7 @@ class CpuSampler:
 
     @property
     def cpu_s(self) -> float:
-        return sum(self.seen.values())
+        return sum(self.seen.values()) - sum(self._before.values())
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
@@ -127,6 +131,7 @@ def ocr(pages: int) -> None:
                     with CpuSampler() as cpu:
                         summary = run_job(job) if not workers else run_job_on_ray(job, workers=workers)
                     wall = time.perf_counter() - started
+                pages_module.shutdown_renderer()  # the one-process run's render process (Ray workers' end with them)
                 assert summary.ok == pages, summary.lines()
                 print(f"    {label:<22} {send_rate(log):5.1f} pages/s sent; the job's processes used "
                       f"{cpu.cpu_s / wall:.2f} cores, {1000 * cpu.cpu_s / pages:.0f} ms CPU per page (wall "
