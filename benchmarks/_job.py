@@ -21,6 +21,9 @@ the late sleep: the loop itself was busy (our code on the loop, or a collection)
 GIL (writer, image loading), or the process was not running at all (another process had the cores: on a shared
 2-core machine that is noise, not the runner).
 
+A spec may set ``full_sdk_path`` to send through the SDK's typed ``chat.completions.create`` path instead of the
+raw one (``ChatClient.full_sdk_path``), so figure 1 can show what the raw path saves in the same run.
+
 A spec may set ``fold_rows`` to fold the journal more often than the store's default (100,000 rows), so that a
 short run has folds *while sending* and the stall figure covers them.
 
@@ -237,6 +240,8 @@ def stall_figures(probe: Probe) -> dict[str, Any]:
         "stalls_over_50ms_sending": len(long_ones),
         "stalls_over_50ms_sending_by_cause": {cause: causes.count(cause) for cause in sorted(set(causes))},
         "stalls_over_50ms_sending_in_full_gc": len(overlapping(long_ones, probe.full_gcs)),
+        # seconds the whole process was not running while sending: another process had the cores
+        "descheduled_sending_s": sum(probe.stalls[i][1] for i in in_window if probe.stall_causes[i] == "descheduled"),
         "stall_worst_during_fold_s": max(overlapping(own, probe.folds), default=0.0),
         # a fold runs in the writer thread: it can only stall the loop by holding the GIL ("threads")
         "stall_worst_from_fold_s": max(overlapping([probe.stalls[i] for i in in_window
@@ -251,6 +256,7 @@ def measure(spec: dict[str, Any], spawned_at: float) -> dict[str, Any]:
     """Run the spec's job once with the probes installed; everything the parent needs, JSON-able."""
     probe = Probe()
     install_probes(probe, spec.get("fold_rows"))
+    ChatClient.full_sdk_path = bool(spec.get("full_sdk_path"))
     job = job_from_dict(spec["job"], base_dir=Path(spec["base_dir"]))
     rss_before_mb = rss_mb()
     cpu_start, run_start = cpu_s(), time.time()

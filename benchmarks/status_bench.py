@@ -8,7 +8,7 @@ median are printed):
 - `qwenvl-batch status OUT --job JOB` as a fresh process (what a person typing it waits for: interpreter start,
   imports, the manifest's size, the pass over the output), and `status.read_status` in-process;
 - `status --job` with a CSV manifest (its rows are counted by a pass over the id column, not read from a footer);
-- `qwenvl-batch report OUT --html FILE --job JOB` (loads the whole output: expected to take longer).
+- `qwenvl-batch report OUT --html FILE --job JOB` (the summary and the charts, one pass over the output).
 
     python benchmarks/status_bench.py            # 10^6 rows
     python benchmarks/status_bench.py --rows 100000

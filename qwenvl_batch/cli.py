@@ -283,15 +283,13 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import render, summarize
-    from .store import load_results
+    from .report import render, summarize_output
 
     if args.brief:
         return _cmd_status(argparse.Namespace(output=args.output, job=args.job, watch=None))
     if args.html or args.format == "html":
         return _report_html(args)
-    frame = load_results(args.output)
-    print(render(summarize(frame, by=args.by), args.format))
+    print(render(summarize_output(args.output, by=args.by), args.format))  # a part at a time: 10^7 rows fit
     return EXIT_OK
 
 
@@ -303,13 +301,12 @@ def _manifest_rows(job_file: str | None) -> int | None:
 
 
 def _report_html(args: argparse.Namespace) -> int:
-    from .report_html import render_html
+    from .report_html import render_output_html
     from .status import writer_state
-    from .store import load_results, open_for_reading
+    from .store import open_for_reading
 
-    frame = load_results(args.output)
-    page = render_html(frame, output=args.output, by=args.by, total=_manifest_rows(args.job),
-                       writer=writer_state(open_for_reading(args.output)))
+    page = render_output_html(args.output, by=args.by, total=_manifest_rows(args.job),
+                              writer=writer_state(open_for_reading(args.output)))
     if not args.html:
         sys.stdout.write(page)
         return EXIT_OK

@@ -5,13 +5,20 @@ runner's, so they don't multiply), DashScope's extras (``reasoning_content``, ``
 usage in the last stream chunk via ``stream_options.include_usage``), and the three timeouts a long unattended
 job needs: connect, total, and for streams the idle gap between chunks. What to do about a failure is decided
 in policy.py, not here.
+
+The cheap path through the SDK (profiled: benchmarks/sdk_floor.py): the body is serialised once by
+request_body.py and sent with the client's ``post`` (the SDK still builds the request, authenticates, maps every
+error status to its exception classes, and owns the connection pool and timeouts), and the answer is decoded once
+with ``json.loads`` and read as plain dicts. ``chat.completions.create`` would walk each message part through its
+param transforms and build typed response models, ~0.8 ms of CPU per small-image request on top.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +34,7 @@ from .policy import (
     proxy_retries,
 )
 from .redact import register_secret, split_url_credentials
+from .request_body import json_body
 from .response_guard import (
     ABSOLUTE_MAX_TOKENS,
     GuardedTransport,
@@ -42,6 +50,15 @@ except ImportError:  # pragma: no cover - depends on the installed openai
     import httpx  # type: ignore[no-redef]
 
 log = logging.getLogger(__name__)
+
+CHAT_PATH = "/chat/completions"
+# The SDK's telemetry headers (for OpenAI's servers, meaningless to others): each request builds its headers several
+# times over (the SDK's dict, httpx's Headers, the transport's), so 9 headers fewer is ~45 µs less per request.
+_TELEMETRY_HEADERS = ("X-Stainless-Lang", "X-Stainless-Package-Version", "X-Stainless-OS", "X-Stainless-Arch",
+                      "X-Stainless-Runtime", "X-Stainless-Runtime-Version", "X-Stainless-Async")
+_OPTIONS: Any = {"headers": {"x-stainless-retry-count": openai.Omit(), "x-stainless-read-timeout": openai.Omit()}}
+# Keyword arguments chat.completions.create takes by name (the typed path only); any other field is extra_body.
+_SDK_ARGUMENTS = ("model", "temperature", "top_p", "max_tokens", "seed", "stream", "stream_options")
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,8 @@ class Completion:
 class ChatClient:
     """Sends chat completions for one job; holds the connection pool, so create one per run."""
 
+    full_sdk_path = False  # benchmarks only: send through chat.completions.create's typed path, to compare
+
     def __init__(self, job: JobConfig, *, api_key: str, base_url: str | None = None) -> None:
         limits = job.limits
         self.job = job
@@ -87,10 +106,12 @@ class ChatClient:
             timeout=openai.Timeout(limits.timeout_s, connect=limits.connect_timeout_s,
                                    read=limits.stream_idle_timeout_s if self.stream else limits.timeout_s),
             http_client=_http_client(limits.http_client, limits.concurrency + 8),
-            # URL credentials become the Basic auth header on both transports (aiohttp refuses them in the URL)
-            default_headers={"Authorization": credentials} if credentials else None,
+            default_headers=_default_headers(credentials),
         )
-        self._params = _request_params(job)
+        base = self._client.base_url  # merged once, as the SDK merges a path with it on every request
+        self._chat_url = str(base.copy_with(raw_path=base.raw_path + CHAT_PATH.lstrip("/").encode()))
+        self._body = _request_fields(job, stream=False)
+        self._stream_body = _request_fields(job, stream=True)
 
     async def close(self) -> None:
         await self._client.close()
@@ -113,58 +134,82 @@ class ChatClient:
                 raise unusable from None
             raise
 
-    def _create(self) -> Any:
-        """The SDK's create call, untyped: its overloads cannot type parameters assembled from a job file."""
-        return self._client.chat.completions.with_raw_response.create
+    async def _post(self, body: dict[str, Any], messages: list[dict[str, Any]], *, stream: bool) -> Any:
+        """POST the body through the SDK (its auth, headers, timeouts, connection pool and status errors), already
+        serialised (request_body.py), so its per-part param transforms never run; the answer comes back raw (an
+        ``httpx.Response``, or for a stream an ``AsyncStream`` of plain dicts) and is parsed once, here."""
+        if self.full_sdk_path:
+            return await self._post_typed(body, messages, stream=stream)
+        content = json_body(body, messages)
+        if stream:
+            return await self._client.post(self._chat_url, cast_to=object, content=content, stream=True,
+                                           stream_cls=openai.AsyncStream[object], options=_OPTIONS)
+        return await self._client.post(self._chat_url, cast_to=httpx.Response, content=content, options=_OPTIONS)
+
+    async def _post_typed(self, body: dict[str, Any], messages: list[dict[str, Any]], *, stream: bool) -> Any:
+        """The SDK's own path (``chat.completions.create``: param transforms, typed response models), kept only so
+        that benchmarks/sdk_floor.py and benchmarks/run.py can measure what the raw path saves."""
+        create: Any = self._client.chat.completions.with_raw_response.create  # untyped: params from a job file
+        extra = {k: v for k, v in body.items() if k not in _SDK_ARGUMENTS}
+        raw = await create(messages=messages, **{k: v for k, v in body.items() if k in _SDK_ARGUMENTS},
+                           **({"extra_body": extra} if extra else {}))
+        parsed = raw.parse()  # ChatCompletion models (or a stream of chunk models): paid for, then read as dicts
+        if stream:
+            return _DictStream(parsed)
+        return raw.http_response
 
     async def _complete_plain(self, messages: list[dict[str, Any]]) -> Completion:
-        raw = await self._create()(messages=messages, **self._params)
-        completion = raw.parse()
-        choices = getattr(completion, "choices", None)
-        if not choices or getattr(choices[0], "message", None) is None:
-            _raise_error_body(completion, raw.http_request)
+        response = await self._post(self._body, messages, stream=False)
+        body = _json_answer(response)
+        choices = body.get("choices") if isinstance(body, dict) else None
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict):
+            _raise_error_body(body, response.request)
             raise InvalidResponseError("the server answered 200 but the body is not a chat completion")
-        message = choices[0].message
+        assert isinstance(body, dict) and isinstance(choice, dict)
+        headers = response.headers
         result = _completion(
-            content=message.content or "",
-            reasoning=_extra(message, "reasoning_content"),
-            finish_reason=choices[0].finish_reason,
-            model=getattr(completion, "model", None),
-            usage=getattr(completion, "usage", None),
-            request_id=raw.headers.get("x-request-id") or getattr(completion, "id", None),
-            proxy_retries=proxy_retries(raw.headers),
-            headers=rate_limit_headers(raw.headers),
+            content=message.get("content") or "",
+            reasoning=message.get("reasoning_content"),
+            finish_reason=choice.get("finish_reason"),
+            model=body.get("model"),
+            usage=body.get("usage"),
+            request_id=headers.get("x-request-id") or body.get("id"),
+            proxy_retries=proxy_retries(headers),
+            headers=rate_limit_headers(headers),
         )
-        if raw.headers.get("x-dashscope-partialresponse", "").lower() == "true":
+        if headers.get("x-dashscope-partialresponse", "").lower() == "true":
             raise PartialResponseError("the provider cut the answer short (x-dashscope-partialresponse: true)",
                                        billed=result)
         return result
 
     async def _complete_streamed(self, messages: list[dict[str, Any]]) -> Completion:
-        raw = await self._create()(
-            messages=messages, stream=True, stream_options={"include_usage": True}, **self._params
-        )
-        stream = raw.parse()
+        stream = await self._post(self._stream_body, messages, stream=True)
         content: list[str] = []
         reasoning: list[str] = []
         finish_reason = model = usage = None
         chunk_id = None
         try:
             async for chunk in stream:
-                chunk_id = chunk_id or getattr(chunk, "id", None)
-                model = getattr(chunk, "model", None) or model
-                usage = getattr(chunk, "usage", None) or usage
-                for choice in chunk.choices or []:
-                    delta = choice.delta
-                    if delta is not None:
-                        content.append(delta.content or "")
-                        reasoning.append(_extra(delta, "reasoning_content") or "")
-                    finish_reason = choice.finish_reason or finish_reason
+                if not isinstance(chunk, dict):
+                    raise InvalidResponseError("a stream event is not a chat completion chunk")
+                chunk_id = chunk_id or chunk.get("id")
+                model = chunk.get("model") or model
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    if not isinstance(choice, dict):
+                        continue
+                    delta = choice.get("delta")
+                    if isinstance(delta, dict):
+                        content.append(_piece(delta.get("content")))
+                        reasoning.append(_piece(delta.get("reasoning_content")))
+                    finish_reason = choice.get("finish_reason") or finish_reason
                 if finish_reason is not None and usage is not None:
                     break  # complete: what may follow is keep-alives and "[DONE]", never worth a timeout
         except (httpx.TimeoutException, openai.APITimeoutError):
             if finish_reason is None or usage is None:
-                raise openai.APITimeoutError(request=raw.http_request) from None
+                raise openai.APITimeoutError(request=stream.response.request) from None
         except (httpx.TransportError, openai.APIConnectionError) as exc:  # newer SDKs wrap the transport error
             if finish_reason is None or usage is None:
                 cause = exc.__cause__ or exc
@@ -174,16 +219,61 @@ class ChatClient:
             await stream.close()
         if finish_reason is None:
             raise StreamCutError("the stream ended before its last chunk (no finish_reason)")
+        headers = stream.response.headers
         return _completion(
             content="".join(content),
             reasoning="".join(reasoning) or None,
             finish_reason=finish_reason,
             model=model,
             usage=usage,
-            request_id=raw.headers.get("x-request-id") or chunk_id,
-            proxy_retries=proxy_retries(raw.headers),
-            headers=rate_limit_headers(raw.headers),
+            request_id=headers.get("x-request-id") or chunk_id,
+            proxy_retries=proxy_retries(headers),
+            headers=rate_limit_headers(headers),
         )
+
+
+class _DictStream:
+    """The SDK's typed chunk stream read as dicts (``_post_typed`` only), like the raw path's stream."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.response = stream.response
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        async for chunk in self.stream:
+            yield chunk.model_dump(mode="json", exclude_unset=True, warnings=False)
+
+    async def close(self) -> None:
+        await self.stream.close()
+
+
+def _json_answer(response: Any) -> Any:
+    """The 200's body, decoded once. A body that is not JSON under a JSON content type raises (``ValueError``: the
+    policy retries it a bounded number of times); under another content type it is not a chat completion."""
+    content_type = response.headers.get("content-type", "").split(";")[0].strip()
+    try:
+        return json.loads(response.content)
+    except ValueError:
+        if content_type.endswith("json"):
+            raise
+        raise InvalidResponseError("the server answered 200 but the body is not a chat completion "
+                                   f"(content-type {content_type or 'none'})") from None
+
+
+def _piece(value: Any) -> str:
+    """One delta's text ("" for none; a non-string the server sent, as its JSON text)."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    return clean_text(value)[0] or ""
+
+
+def _default_headers(credentials: str | None) -> Any:
+    """Headers of every request: the SDK's telemetry ones left out; URL credentials as the Basic auth header on both
+    transports (aiohttp refuses them in the URL)."""
+    headers: dict[str, Any] = {name: openai.Omit() for name in _TELEMETRY_HEADERS}
+    if credentials:
+        headers["Authorization"] = credentials
+    return headers
 
 
 def _http_client(kind: str, connections: int) -> Any:
@@ -226,7 +316,8 @@ def _unusable_answer(exc: BaseException) -> InvalidResponseError | None:
 
 
 def _request_params(job: JobConfig) -> dict[str, Any]:
-    """The job-wide keyword arguments of every request (model, sampling, DashScope extras)."""
+    """The job-wide keyword arguments of every request (model, sampling, DashScope extras), as the SDK's
+    ``create`` takes them (the Batch API's lines are built from these too)."""
     model = job.model
     params: dict[str, Any] = {"model": model.name}
     for name in ("temperature", "top_p", "max_tokens", "seed"):
@@ -238,18 +329,29 @@ def _request_params(job: JobConfig) -> dict[str, Any]:
     return params
 
 
+def _request_fields(job: JobConfig, *, stream: bool) -> dict[str, Any]:
+    """The job-wide fields of every request body, merged as the SDK merges ``create``'s arguments:
+    ``extra_body`` last, so it wins over the named parameters."""
+    fields = _request_params(job)
+    extra = fields.pop("extra_body", {})
+    if stream:
+        fields.update(stream=True, stream_options={"include_usage": True})
+    fields.update(extra)
+    return fields
+
+
 def _extra(obj: Any, name: str) -> Any:
-    """A field the OpenAI types don't declare (DashScope's ``reasoning_content``)."""
+    """A field the OpenAI types don't declare (DashScope's ``reasoning_content``), from a typed model."""
     value = getattr(obj, name, None)
     if value is None and getattr(obj, "model_extra", None):
         value = obj.model_extra.get(name)
     return value
 
 
-def _raise_error_body(completion: Any, request: Any) -> None:
+def _raise_error_body(body: Any, request: Any) -> None:
     """A 200 whose body is an error envelope (some proxies do that): raise it as the error it is, with its real
     message, for policy.classify to judge like an in-band stream error."""
-    error = (getattr(completion, "model_extra", None) or {}).get("error")
+    error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
         message = error.get("message")
         raise openai.APIError(message if isinstance(message, str) else "error in a 200 answer", request, body=error)
@@ -273,8 +375,8 @@ def _completion(*, content: str, reasoning: str | None, finish_reason: str | Non
     sanitized = any(changed for _, changed in texts.values())
     usage, usage_warning = _sane_usage(usage)
     content, reasoning = texts["content"][0] or "", texts["reasoning"][0]
-    prompt_details = _extra(usage, "prompt_tokens_details") if usage else None
-    completion_details = _extra(usage, "completion_tokens_details") if usage else None
+    prompt_details = usage.get("prompt_tokens_details") if usage else None
+    completion_details = usage.get("completion_tokens_details") if usage else None
     completion_tokens = _count(usage, "completion_tokens")
     reasoning_tokens = _detail(completion_details, "reasoning_tokens")
     if reasoning_tokens is None and reasoning and completion_tokens is not None:
@@ -298,21 +400,25 @@ def _completion(*, content: str, reasoning: str | None, finish_reason: str | Non
     )
 
 
-def _sane_usage(usage: Any) -> tuple[Any, str | None]:
+def _sane_usage(usage: Any) -> tuple[dict[str, Any] | None, str | None]:
     """(usage, None) when its counts are non-negative integers within the sane bound (``response_guard``), else
     (None, ``usage_invalid=<raw usage>``): the runner then estimates it, for the limiter, the cost and the cap."""
     if not usage:
         return None, None
+    if callable(getattr(usage, "model_dump", None)):  # a typed CompletionUsage (the Batch API's result lines)
+        usage = usage.model_dump(mode="python", warnings=False)
+    if not isinstance(usage, dict):
+        return None, f"usage_invalid={raw_usage_text(usage)}"
     bound = ABSOLUTE_MAX_TOKENS
     for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        value = getattr(usage, name, None)
+        value = usage.get(name)
         if value is not None and token_count(value, bound) is None:
             return None, f"usage_invalid={raw_usage_text(usage)}"
     return usage, None
 
 
-def _count(usage: Any, name: str) -> int | None:
-    return token_count(getattr(usage, name, None), ABSOLUTE_MAX_TOKENS) if usage else None
+def _count(usage: dict[str, Any] | None, name: str) -> int | None:
+    return token_count(usage.get(name), ABSOLUTE_MAX_TOKENS) if usage else None
 
 
 def _reasoning_tokens(reasoning: str, completion_tokens: int, text_tokens: int | None) -> int:
@@ -327,7 +433,5 @@ def _reasoning_tokens(reasoning: str, completion_tokens: int, text_tokens: int |
 
 
 def _detail(details: Any, name: str) -> int | None:
-    if details is None:
-        return None
-    value = details.get(name) if isinstance(details, dict) else _extra(details, name)
-    return token_count(value, ABSOLUTE_MAX_TOKENS)
+    """A count inside ``*_tokens_details`` (absent, null or not an object: unknown)."""
+    return token_count(details.get(name), ABSOLUTE_MAX_TOKENS) if isinstance(details, dict) else None

@@ -19,16 +19,28 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import charts
 from .charts import Series
-from .report import cell, grouped_tables, header_lines, right_aligned, summarize
+from .report import (
+    Summary,
+    cell,
+    floats,
+    frame_table,
+    grouped_tables,
+    header_lines,
+    label_column,
+    right_aligned,
+    scan_output,
+    summarize,
+)
 from .timeline import (
     Buckets,
     Histogram,
     buckets,
-    cumulative,
-    downsample,
+    cumulative_points,
     eta_s,
     histogram,
     percentiles,
@@ -37,7 +49,7 @@ from .timeline import (
     stacked_buckets,
 )
 
-__all__ = ["ChartData", "chart_data", "render_html"]
+__all__ = ["ChartData", "ChartTally", "chart_data", "render_html", "render_output_html"]
 
 
 @dataclass(frozen=True)
@@ -69,21 +81,6 @@ class ChartData:
     cost: dict[str, Line] = field(default_factory=dict)  # per currency (never added across currencies)
 
 
-def _numbers(df: pd.DataFrame, column: str) -> np.ndarray:
-    if column not in df.columns:
-        return np.full(len(df), np.nan)
-    return pd.to_numeric(df[column], errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
-
-
-def _row_times(df: pd.DataFrame) -> np.ndarray:
-    """``finished_at`` per row as epoch seconds, NaN where missing (not sorted: aligned with the frame)."""
-    if "finished_at" not in df.columns:
-        return np.full(len(df), np.nan)
-    stamps = pd.to_datetime(df["finished_at"], utc=True, errors="coerce")
-    seconds = (stamps - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
-    return seconds.to_numpy(dtype="float64", na_value=np.nan)
-
-
 def _finish_at(times: np.ndarray, done: int, total: int | None, now: float) -> tuple[float | None, float | None]:
     """When the last pending row should finish: at the rate of the last 5 minutes from now, or, for a run that
     is not going (no recent rows), at its whole-run rate from its last row. Also returns the whole-run rate."""
@@ -104,68 +101,133 @@ def _line(times: np.ndarray, values: np.ndarray | None, done: int, total: int | 
           finish_at: float | None) -> Line | None:
     if times.size == 0:
         return None
-    xs, ys = cumulative(times, values)
+    xs, ys = cumulative_points(times, values)
     end = projected(float(ys[-1]), done, total) if finish_at is not None else None
-    xs, ys = downsample(xs, ys)
     return Line(xs, ys, (finish_at, end) if finish_at is not None and end is not None else None)
 
 
-def _labels(df: pd.DataFrame, column: str) -> pd.Series:
-    if column not in df.columns:
-        return pd.Series("(missing)", index=df.index, dtype="string")
-    return df[column].astype("string").fillna("(missing)")
+def _seconds(table: pa.Table) -> np.ndarray:
+    """``finished_at`` per row as epoch seconds, NaN where missing (aligned with the table's rows)."""
+    if "finished_at" not in table.column_names:
+        return np.full(table.num_rows, np.nan)
+    stamps = table.column("finished_at").to_numpy(zero_copy_only=False).astype("datetime64[ns]")
+    seconds = stamps.view(np.int64) / 1e9  # as report.Summary keeps them: epoch nanoseconds
+    seconds[np.isnat(stamps)] = np.nan
+    return seconds
 
 
-def _errors_over_time(df: pd.DataFrame, is_error: np.ndarray, row_times: np.ndarray,
-                      rows: Buckets) -> tuple[list[str], np.ndarray]:
-    """Error rows per bucket of the rows chart, one series per ``type/code`` (the most frequent few)."""
-    mask = is_error & np.isfinite(row_times)
-    labels = (_labels(df, "error_type") + "/" + _labels(df, "error_code"))[mask]
-    return stacked_buckets(row_times[mask], labels.to_numpy(dtype=str), start=rows.start, width_s=rows.width_s,
-                           count=len(rows.counts))
+class ChartTally:
+    """What the charts need beyond the summary (``report.Summary``, whose finish times, latencies and attempts
+    they share), from normalised tables added one at a time: done rows, the time and type/code of error rows, and
+    for every row with a finish time (aligned with the summary's times) its tokens, cost and currency, for the
+    cumulative lines: 14 to 18 bytes a row."""
+
+    def __init__(self) -> None:
+        self.done = 0
+        self.errors: list[tuple[np.ndarray, np.ndarray]] = []
+        self.tokens: list[np.ndarray] = []
+        self.costs: list[np.ndarray] = []
+        self.currency: list[np.ndarray] = []  # int16 codes into currencies
+        self.currencies: dict[str, int] = {}
+
+    def add(self, table: pa.Table) -> None:
+        status = label_column(table, "status")
+        self.done += int(pc.sum(pc.is_in(status, pa.array(["ok", "error"]))).as_py() or 0)
+        row_times = _seconds(table)
+        timed = np.isfinite(row_times)  # the rows report.Summary keeps a finish time of, in the same order
+        is_error = pc.equal(status, "error").to_numpy(zero_copy_only=False) & timed
+        if is_error.any():
+            errors = table.filter(pa.array(is_error))
+            labels = pc.binary_join_element_wise(label_column(errors, "error_type"),
+                                                 label_column(errors, "error_code"), "/")
+            self.errors.append((row_times[is_error], np.asarray(labels.to_pylist(), dtype=str)))
+        self.tokens.append(_compact(floats(table, "total_tokens")[timed]))
+        self.costs.append(floats(table, "cost")[timed])
+        encoded = pc.dictionary_encode(label_column(table, "currency"))
+        if isinstance(encoded, pa.ChunkedArray):
+            encoded = encoded.combine_chunks()
+        codes = np.array([self.currencies.setdefault(str(c), len(self.currencies))
+                          for c in encoded.dictionary.to_pylist()] or [0], np.int16)
+        self.currency.append(codes[encoded.indices.to_numpy(zero_copy_only=False)][timed])
+
+    def result(self, summary: Summary, *, total: int | None, now: float) -> ChartData:
+        """The chart data, with the finish times, latencies and attempts ``summary`` gathered from the same
+        tables. It takes those arrays over (call ``summary.result()`` first, if at all): arrays are joined one at
+        a time and dropped once used, so 10^7 rows stay under 1 GB."""
+        section = summary.overall
+        seconds = _popped(section.times_ns, np.int64) / 1e9  # in table order: aligned with tokens and costs
+        times = seconds if _ordered(seconds) else np.sort(seconds)
+        latency = _popped(section.latency, np.float64)
+        latency_histogram, latency_marks = histogram(latency), percentiles(latency)
+        del latency
+        finish_at, whole = _finish_at(times, self.done, total, now)
+        rows = buckets(times)
+        rows_done = _line(times, None, self.done, total, finish_at)
+        if rows_done is not None and rows_done.projection is not None and total is not None:
+            rows_done = Line(rows_done.xs, rows_done.ys, (rows_done.projection[0], float(total)))
+        recent = recent_rate_per_min(times, now)
+        del times
+        error_times = np.concatenate([t for t, _ in self.errors]) if self.errors else np.empty(0)
+        error_labels = np.concatenate([labels for _, labels in self.errors]) if self.errors else np.empty(0, str)
+        labels, matrix = stacked_buckets(error_times, error_labels, start=rows.start, width_s=rows.width_s,
+                                         count=len(rows.counts))
+        token_line = _line(*_masked(seconds, _popped(self.tokens, np.float64)), self.done, total, finish_at)
+        costs, currency = _popped(self.costs, np.float64), _popped(self.currency, np.int16)
+        cost = {}
+        for name, code in sorted(self.currencies.items()):
+            line = _line(*_masked(seconds, costs, currency == code), self.done, total, finish_at)
+            if line is not None:
+                cost[name] = line
+        return ChartData(
+            done=self.done, total=total, recent_rate_per_min=recent, whole_rate_per_min=whole, finish_at=finish_at,
+            rows=rows, rows_done=rows_done, latency=latency_histogram, latency_marks=latency_marks,
+            attempts=[(f"{k} attempt{'s' if k != 1 else ''}", float(v)) for k, v in sorted(section.attempts.items())],
+            error_labels=labels, error_matrix=matrix, tokens=token_line, cost=cost,
+        )
 
 
-def _cost_lines(df: pd.DataFrame, row_times: np.ndarray, done: int, total: int | None,
-                finish_at: float | None) -> dict[str, Line]:
-    """Cumulative cost per currency (amounts in different currencies are never added, so one line each)."""
-    costs = _numbers(df, "cost")
-    currency = _labels(df, "currency")
-    out: dict[str, Line] = {}
-    for code in sorted(currency[np.isfinite(costs)].unique()):
-        mask = (currency == code).to_numpy(dtype=bool) & np.isfinite(row_times) & np.isfinite(costs)
-        line = _line(row_times[mask], costs[mask], done, total, finish_at)
-        if line is not None:
-            out[str(code)] = line
+def _masked(times: np.ndarray, values: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The times and values of rows with a value (and in ``mask``), copied only when some row is left out."""
+    keep = np.isfinite(values) if mask is None else mask & np.isfinite(values)
+    if keep.all():
+        return times, values
+    values = values[keep]  # the full array is released here, before the times are copied
+    return times[keep], values
+
+
+def _compact(values: np.ndarray) -> np.ndarray:
+    """Token counts as float32 when that holds them exactly (it does every count up to 2^24), else float64."""
+    narrow = values.astype(np.float32)
+    return narrow if np.array_equal(narrow, values, equal_nan=True) else values
+
+
+def _popped(chunks: list[np.ndarray], dtype: Any) -> np.ndarray:
+    """The chunks end to end, emptying ``chunks`` as they are copied (memory: the result and one chunk)."""
+    rows = sum(len(chunk) for chunk in chunks)
+    if not rows:
+        return np.empty(0, dtype)
+    out = np.empty(rows, np.result_type(*chunks))
+    at = 0
+    chunks.reverse()
+    while chunks:
+        chunk = chunks.pop()
+        out[at: at + len(chunk)] = chunk
+        at += len(chunk)
     return out
+
+
+def _ordered(values: np.ndarray) -> bool:
+    return bool(np.all(values[1:] >= values[:-1])) if values.size > 1 else True
 
 
 def chart_data(df: pd.DataFrame, *, total: int | None = None, now: float | None = None) -> ChartData:
     """Everything the charts draw, from the output frame (one row per id, as ``load_results`` returns)."""
-    now = time.time() if now is None else now
-    status = _labels(df, "status")
-    done = int(status.isin(["ok", "error"]).sum())
-    row_times = _row_times(df)
-    times = np.sort(row_times[np.isfinite(row_times)])
-    finish_at, whole = _finish_at(times, done, total, now)
-    rows = buckets(times)
-    rows_done = _line(times, None, done, total, finish_at)
-    if rows_done is not None and rows_done.projection is not None and total is not None:
-        rows_done = Line(rows_done.xs, rows_done.ys, (rows_done.projection[0], float(total)))
-    error_labels, error_matrix = _errors_over_time(df, (status == "error").to_numpy(dtype=bool), row_times, rows)
-    latency = _numbers(df, "latency_s")
-    attempts = pd.Series(_numbers(df, "attempts")).dropna().astype("int64").value_counts().sort_index()
-    tokens = _numbers(df, "total_tokens")
-    with_tokens = np.isfinite(row_times) & np.isfinite(tokens)
-    return ChartData(
-        done=done, total=total, recent_rate_per_min=recent_rate_per_min(times, now), whole_rate_per_min=whole,
-        finish_at=finish_at, rows=rows, rows_done=rows_done, latency=histogram(latency),
-        latency_marks=percentiles(latency),
-        attempts=[(f"{k} attempt{'s' if k != 1 else ''}", float(v)) for k, v in attempts.items()],
-        error_labels=error_labels, error_matrix=error_matrix,
-        tokens=_line(row_times[with_tokens], tokens[with_tokens], done, total, finish_at) if with_tokens.any()
-        else None,
-        cost=_cost_lines(df, row_times, done, total, finish_at),
-    )
+    table = frame_table(df)
+    summary = Summary(list(df.columns))
+    summary.add(table)
+    charts = ChartTally()
+    charts.add(table)
+    return charts.result(summary, total=total, now=time.time() if now is None else now)
 
 
 # ---------------------------------------------------------------------------------------------- page
@@ -388,8 +450,21 @@ def render_html(df: pd.DataFrame, *, output: str | Path, by: str | None = None, 
     """The page for an output frame (one row per id). ``total`` is the manifest's size, for pending rows and the
     projections; ``writer`` says whether a run is writing the output now (``status.writer_state``)."""
     now = time.time() if now is None else now
-    summary = summarize(df, by=by)
-    data = chart_data(df, total=total, now=now)
+    return _page(summarize(df, by=by), chart_data(df, total=total, now=now), output=output, now=now, writer=writer)
+
+
+def render_output_html(output: str | Path, *, by: str | None = None, total: int | None = None,
+                       now: float | None = None, writer: str = "") -> str:
+    """``render_html(load_results(output), ...)`` without loading the output: the summary and the charts are
+    computed in one pass, a part at a time (``report.scan_output``)."""
+    now = time.time() if now is None else now
+    charts = ChartTally()
+    summary, structured = scan_output(output, by=by, also=charts.add)
+    figures = summary.result(structured=structured)
+    return _page(figures, charts.result(summary, total=total, now=now), output=output, now=now, writer=writer)
+
+
+def _page(summary: dict[str, Any], data: ChartData, *, output: str | Path, now: float, writer: str) -> str:
     lines = header_lines(summary)
     banner = [line for line in lines if line.startswith("SIMULATED")]
     meta = [line for line in lines if not line.startswith("SIMULATED")]

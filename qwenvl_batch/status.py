@@ -1,9 +1,9 @@
 """``qwenvl-batch status OUT``: one screen on a job that may be running for days — is it still going, how fast,
 what is failing, what will it cost.
 
-Fast on big outputs (a 10^6-row output in well under 2 s, see ``benchmarks/status_bench.py``): it reads only the
-few columns it shows (``store.OutputStore._iter_tables`` with a column list, parts then journal), never the
-responses, and takes no lock, so it can run every few seconds beside the writer. Rows are de-duplicated by id
+Fast on big outputs (10^7 rows in a few seconds and a few hundred MB, see ``benchmarks/scale_read.py``): it reads
+only the few columns it shows, a part at a time (``output_scan.newest_rows``), never the responses, keeps running
+totals, and takes no lock, so it can run every few seconds beside the writer. Rows are de-duplicated by id
 (newest wins) exactly as ``load_results`` does, so its counts are the counts ``report`` prints.
 """
 
@@ -25,13 +25,14 @@ import pyarrow.parquet as pq
 
 from .config import JobConfig
 from .errors import ConfigError
-from .manifest import hash_ids, id_strings, open_manifest
+from .manifest import open_manifest
+from .output_scan import newest_rows
 from .store import OutputStore, open_for_reading, state_dir_for
-from .timeline import RECENT_WINDOW_S, eta_s, projected, recent_rate_per_min
+from .timeline import RECENT_WINDOW_S, eta_s, projected
 
 __all__ = ["ErrorLine", "Status", "manifest_rows", "read_status", "render_status", "watch"]
 
-_COLUMNS = ["status", "error_type", "error_code", "finished_at", "cost", "currency", "simulated"]
+_COLUMNS = ["status", "error_type", "error_code", "error_message", "finished_at", "cost", "currency", "simulated"]
 _LAST_ERRORS = 5
 _MESSAGE_CHARS = 160
 
@@ -103,36 +104,91 @@ def manifest_rows(job: JobConfig) -> int:
 
 
 def read_status(output: str | Path, *, total: int | None = None, now: float | None = None) -> Status:
-    """The status of an output (finished, interrupted or being written), from a column-subset pass over it."""
+    """The status of an output (finished, interrupted or being written), from a column-subset pass over it,
+    one part at a time (memory does not grow with the output: running totals, and the newest few errors)."""
     path = Path(output)
     if not path.exists() and not state_dir_for(path).exists():
         raise ConfigError(f"{path}: no such output (yet): check the path, or start the job with "
                           "`qwenvl-batch run JOB` (the output is the job file's [output] path)")
     store = open_for_reading(path)
-    table = _newest_rows(store)
     now = time.time() if now is None else now
-    status = table.column("status")
-    times = _epoch(table.column("finished_at"))
-    finite = times[np.isfinite(times)]
-    spend: dict[str, float] = {}
-    if table.num_rows:
-        from .currency import add_spend
-
-        add_spend(spend, table.column("cost"), table.column("currency"))
+    tally = _Tally(now)
+    for table in newest_rows(store, [store.id_column, *_COLUMNS]):
+        tally.add(table, store.id_column)
     return Status(
         output=Path(output),
         now=now,
-        ok=_count(pc.equal(status, "ok")),
-        error=_count(pc.equal(status, "error")),
+        ok=tally.ok,
+        error=tally.error,
         total=total,
-        first=float(finite.min()) if finite.size else None,
-        last=float(finite.max()) if finite.size else None,
-        rate_per_min=recent_rate_per_min(np.sort(finite), now),
-        spend=spend,
-        simulated=_count(table.column("simulated")),
-        last_errors=_last_errors(store, table, times),
+        first=tally.first,
+        last=tally.last,
+        rate_per_min=tally.rate_per_min(),
+        spend=tally.spend,
+        simulated=tally.simulated,
+        last_errors=[error for _, _, error in sorted(tally.errors, key=lambda e: (e[0], e[1]), reverse=True)],
         writer=writer_state(store),
     )
+
+
+class _Tally:
+    """Running totals over the tables of ``newest_rows``: counts, first/last time, rows in the recent window
+    (what ``timeline.recent_rate_per_min`` counts), spend per currency, and the ``_LAST_ERRORS`` newest errors."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.ok = self.error = self.simulated = self.recent = self.position = 0
+        self.first: float | None = None
+        self.last: float | None = None
+        self.spend: dict[str, float] = {}
+        self.errors: list[tuple[float, int, ErrorLine]] = []  # (time or -inf, position, line): newest kept
+
+    def add(self, table: pa.Table, id_column: str) -> None:
+        status = table.column("status")
+        times = _epoch(table.column("finished_at"))
+        finite = times[np.isfinite(times)]
+        self.ok += _count(pc.equal(status, "ok"))
+        self.error += _count(pc.equal(status, "error"))
+        self.simulated += _count(table.column("simulated"))
+        if finite.size:
+            low, high = float(finite.min()), float(finite.max())
+            self.first = low if self.first is None else min(self.first, low)
+            self.last = high if self.last is None else max(self.last, high)
+            since = self.now - RECENT_WINDOW_S
+            self.recent += int(np.count_nonzero((finite > since) & (finite <= self.now)))
+        if table.num_rows:
+            from .currency import add_spend
+
+            add_spend(self.spend, table.column("cost"), table.column("currency"))
+        self._newest_errors(table, id_column, times)
+        self.position += table.num_rows
+
+    def _newest_errors(self, table: pa.Table, id_column: str, times: np.ndarray) -> None:
+        """Keep the ``_LAST_ERRORS`` newest error rows (ties: the later row first), messages read for those only."""
+        is_error = pc.fill_null(pc.equal(table.column("status"), "error"), False).to_numpy(zero_copy_only=False)
+        where = np.flatnonzero(is_error)
+        if where.size == 0:
+            return
+        keyed = np.where(np.isfinite(times[where]), times[where], -np.inf)
+        for j in np.argsort(keyed, kind="stable")[::-1][:_LAST_ERRORS].tolist():
+            i = int(where[j])
+            row = table.slice(i, 1).to_pylist()[0]
+            line = ErrorLine(
+                finished_at=float(times[i]) if np.isfinite(times[i]) else None,
+                row_id=str(row[id_column]),
+                error_type=str(row["error_type"] or "(missing)"),
+                error_code=str(row["error_code"] or "(missing)"),
+                message=_one_line(str(row["error_message"] or "")),
+            )
+            self.errors.append((float(keyed[j]), self.position + i, line))
+        self.errors = sorted(self.errors, key=lambda e: (e[0], e[1]), reverse=True)[:_LAST_ERRORS]
+
+    def rate_per_min(self) -> float:
+        """As ``timeline.recent_rate_per_min`` over all the times, from the counts kept."""
+        if self.first is None:
+            return 0.0
+        span = min(RECENT_WINDOW_S, self.now - self.first)
+        return self.recent * 60.0 / span if span > 0 else 0.0
 
 
 def _count(mask: pa.ChunkedArray | pa.Array) -> int:
@@ -145,73 +201,6 @@ def _epoch(column: pa.ChunkedArray) -> np.ndarray:
         return np.empty(0, "float64")
     micros = pc.cast(pc.cast(column, pa.timestamp("us", tz="UTC"), safe=False), pa.int64())
     return micros.to_numpy(zero_copy_only=False).astype("float64") / 1e6
-
-
-def _newest_rows(store: OutputStore) -> pa.Table:
-    """The status columns of one row per id (the newest, as ``load_results`` keeps), plus each row's position in
-    the parts-then-journal stream (to fetch the error messages of a few rows afterwards). Ids are compared by
-    their 64-bit hashes (as the resume index does): a sort of 10^6 integers, no table of Python strings."""
-    tables, hashes = [], []
-    for table in store._iter_tables(_COLUMNS):
-        hashes.append(hash_ids(id_strings(table.column(store.id_column))))
-        tables.append(table.select(_COLUMNS))
-    if not tables:
-        empty = {name: pa.array([], pa.string()) for name in _COLUMNS}
-        empty |= {"finished_at": pa.array([], pa.timestamp("us", tz="UTC")), "cost": pa.array([], pa.float64()),
-                  "simulated": pa.array([], pa.bool_()), "_row": pa.array([], pa.int64())}
-        return pa.table(empty)
-    combined = pa.concat_tables(tables, promote_options="default")
-    all_hashes = np.concatenate(hashes)
-    order = np.argsort(all_hashes, kind="stable")  # equal ids keep file order: the last of each run is the newest
-    ordered = all_hashes[order]
-    last = np.ones(len(order), bool)
-    last[:-1] = ordered[1:] != ordered[:-1]
-    if last.all():  # no id written twice (a finished run): every row, in order
-        return combined.append_column("_row", pa.array(np.arange(combined.num_rows), pa.int64()))
-    keep = np.sort(order[last])
-    return combined.take(pa.array(keep)).append_column("_row", pa.array(keep, pa.int64()))
-
-
-def _last_errors(store: OutputStore, table: pa.Table, times: np.ndarray) -> list[ErrorLine]:
-    """The most recent error rows with their messages (read only for those rows: messages can be long)."""
-    is_error = pc.fill_null(pc.equal(table.column("status"), "error"), False).to_numpy(zero_copy_only=False)
-    where = np.flatnonzero(is_error)
-    if where.size == 0:
-        return []
-    keyed = np.where(np.isfinite(times[where]), times[where], -np.inf)
-    newest = where[np.argsort(keyed, kind="stable")[::-1][:_LAST_ERRORS]]
-    wanted = {int(table.column("_row")[int(i)].as_py()): int(i) for i in newest}
-    details = _rows_by_position(store, sorted(wanted))
-    out = []
-    for i in newest:
-        position = int(table.column("_row")[int(i)].as_py())
-        row_id, message = details.get(position, ("?", ""))
-        out.append(ErrorLine(
-            finished_at=float(times[i]) if np.isfinite(times[i]) else None,
-            row_id=row_id,
-            error_type=str(table.column("error_type")[int(i)].as_py() or "(missing)"),
-            error_code=str(table.column("error_code")[int(i)].as_py() or "(missing)"),
-            message=_one_line(message),
-        ))
-    return out
-
-
-def _rows_by_position(store: OutputStore, positions: list[int]) -> dict[int, tuple[str, str]]:
-    """Id and error message of rows given by their position in the parts-then-journal stream (a second pass over
-    two columns; positions are few)."""
-    out: dict[int, tuple[str, str]] = {}
-    offset = 0
-    pending = list(positions)
-    for table in store._iter_tables(["error_message"]):
-        inside = [p for p in pending if offset <= p < offset + table.num_rows]
-        for p in inside:
-            row = table.slice(p - offset, 1)
-            out[p] = (str(row.column(store.id_column)[0].as_py()), str(row.column("error_message")[0].as_py() or ""))
-        pending = [p for p in pending if p not in inside]
-        offset += table.num_rows
-        if not pending:
-            break
-    return out
 
 
 def _one_line(text: str) -> str:

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
-    "RECENT_WINDOW_S", "Buckets", "Histogram", "bucket_width_s", "buckets", "cumulative", "downsample", "epoch_s",
+    "RECENT_WINDOW_S", "Buckets", "Histogram", "bucket_width_s", "buckets", "cumulative", "cumulative_points",
+    "downsample", "epoch_s",
     "eta_s", "histogram", "percentiles", "projected", "recent_rate_per_min", "stacked_buckets",
 ]  # fmt: skip
 
@@ -122,10 +123,10 @@ def projected(so_far: float, done: int, total: int | None) -> float | None:
 def percentiles(values: np.ndarray, qs: tuple[int, ...] = (50, 95, 99)) -> dict[str, float]:
     """``{"p50": ..., "p95": ..., "p99": ...}`` (linear interpolation, as ``report``'s latency table); NaNs
     ignored; empty when there are no values."""
-    finite = values[np.isfinite(values)]
+    finite = values[np.isfinite(values)]  # a copy, which the percentile may reorder (no second copy of 10^7)
     if finite.size == 0:
         return {}
-    return {f"p{q}": float(v) for q, v in zip(qs, np.percentile(finite, qs))}
+    return {f"p{q}": float(v) for q, v in zip(qs, np.percentile(finite, qs, overwrite_input=True))}
 
 
 @dataclass(frozen=True)
@@ -146,11 +147,11 @@ def _nice_step(span: float, bins: int) -> float:
 
 def histogram(values: np.ndarray, bins: int = 30) -> Histogram:
     """Round-width bins from 0 to just above the 99.5th percentile (or the maximum, if that is not much more)."""
-    finite = values[np.isfinite(values)]
+    finite = values[np.isfinite(values)]  # a copy, which the percentile may reorder (no second copy of 10^7)
     if finite.size == 0:
         return Histogram(np.zeros(0), np.zeros(0, "int64"), 0)
     top = float(np.max(finite))
-    cut = float(np.percentile(finite, 99.5))
+    cut = float(np.percentile(finite, 99.5, overwrite_input=True))
     upper = top if top <= cut * 1.5 else cut
     upper = max(upper, 1e-9)
     step = _nice_step(upper, bins)
@@ -158,16 +159,49 @@ def histogram(values: np.ndarray, bins: int = 30) -> Histogram:
     if count * step <= upper:  # the maximum falls on an edge: give it its own bin
         count += 1
     edges = step * np.arange(count + 1, dtype="float64")
-    index = np.clip(np.floor(np.maximum(finite, 0) / step).astype("int64"), 0, count - 1)
-    return Histogram(edges, np.bincount(index, minlength=count).astype("int64"),
-                     int(np.count_nonzero(finite >= edges[-1])))
+    counts = np.zeros(count, "int64")
+    for start in range(0, finite.size, 1 << 20):  # a slice at a time: bounded temporaries for 10^7 values
+        part = finite[start: start + (1 << 20)]
+        counts += np.bincount(np.clip(np.floor(np.maximum(part, 0) / step).astype("int64"), 0, count - 1),
+                              minlength=count)
+    return Histogram(edges, counts, int(np.count_nonzero(finite >= edges[-1])))
 
 
 def cumulative(times: np.ndarray, values: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Running total of ``values`` (or of rows, when None) in time order; NaN values count as 0."""
+    """Running total of ``values`` (or of rows, when None) in time order; NaN values count as 0. Times already in
+    order (rows are mostly written as they finish) are used as they are: no sort and no copies of 10^7 values."""
+    if values is None:
+        counts = np.arange(1, times.size + 1, dtype="float64")  # what a cumulative sum of ones is, exactly
+        return (times if _ordered(times) else np.sort(times, kind="stable")), counts
+    amounts = values.astype("float64", copy=False)
+    if np.isnan(amounts).any():
+        amounts = np.nan_to_num(amounts)
+    if _ordered(times):
+        return times, np.cumsum(amounts)
     order = np.argsort(times, kind="stable")
-    amounts = np.ones(times.size) if values is None else np.nan_to_num(values.astype("float64"))[order]
-    return times[order], np.cumsum(amounts)
+    return times[order], np.cumsum(amounts[order])
+
+
+def cumulative_points(times: np.ndarray, values: np.ndarray | None = None,
+                      max_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """``downsample(*cumulative(times, values), max_points)``, computed with one full-length copy (the running
+    total) instead of four (order, sorted times, sorted values, running total): 10^7 rows are 80 MB, not 320."""
+    if times.size <= max_points:
+        return downsample(*cumulative(times, values), max_points)
+    index = np.unique(np.linspace(0, times.size - 1, max_points).round().astype("int64"))
+    order = None if _ordered(times) else np.argsort(times, kind="stable")
+    xs = times[index] if order is None else times[order[index]]
+    if values is None:
+        return xs, (index + 1).astype("float64")
+    amounts = values.astype("float64", copy=True) if order is None else values[order].astype("float64", copy=False)
+    del order
+    np.nan_to_num(amounts, copy=False)
+    np.cumsum(amounts, out=amounts)
+    return xs, amounts[index]
+
+
+def _ordered(values: np.ndarray) -> bool:
+    return bool(np.all(values[1:] >= values[:-1])) if values.size > 1 else True
 
 
 def downsample(x: np.ndarray, y: np.ndarray, max_points: int = 400) -> tuple[np.ndarray, np.ndarray]:

@@ -123,6 +123,75 @@ def test_each_resolved_path_is_probed_once(tmp_path: Path, sim, make_job, monkey
     assert (result.rows_to_send, result.input_errors) == (30, 10)
 
 
+def test_repeated_rows_are_counted_once_with_the_row_by_row_figures(tmp_path: Path, sim, make_job,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows sharing every value that shapes a request are rendered once, and the estimate equals the row-by-row
+    one: tokens, images, errors by reason and the error examples with their own ids, in manifest order."""
+    write_image(tmp_path / "img" / "a.jpg")
+    write_image(tmp_path / "img" / "b.jpg", size=(300, 200))
+    names = ["img/a.jpg", "img/b.jpg", "img/missing.jpg", ""]
+    hints = ["red", None, "a long blue hint, several tokens"]
+    rows = [{"id": f"r{i:03d}", "image": names[i % 4], "hint": hints[i % 3]} for i in range(60)]
+    job = make_job(write_manifest(tmp_path / "m.csv", rows), prompt={"user": "Describe this. {hint}"})
+    row_by_row = estimate_module._Tally()
+    for row in estimate_rows(job):
+        row_by_row.add(row)
+    renders: list[str] = []
+    from qwenvl_batch.prompt import RowRenderer
+
+    original = RowRenderer.render
+
+    def counting_render(self, row):  # type: ignore[no-untyped-def]
+        renders.append(row["id"])
+        return original(self, row)
+
+    monkeypatch.setattr(RowRenderer, "render", counting_render)
+    result = estimate_job(job)
+    tokens = row_by_row.prompt_tokens()
+    assert (result.rows_to_send, result.prompt_tokens_total, result.prompt_tokens_max) == \
+        (len(tokens), int(tokens.sum()), int(tokens.max()))
+    assert (result.prompt_tokens_p50, result.prompt_tokens_p95) == \
+        (estimate_module._percentile(tokens, 50), estimate_module._percentile(tokens, 95))
+    assert (result.images, result.input_errors) == (row_by_row.images, row_by_row.errors) == (30, 30)
+    assert result.input_error_reasons == dict(row_by_row.reasons.most_common())
+    assert result.input_error_examples == row_by_row.examples
+    assert [e["id"] for e in result.input_error_examples] == ["r002", "r003", "r006", "r007", "r010", "r011",
+                                                              "r014", "r015", "r018", "r019"]
+    assert len(renders) == 12 + 30  # 12 distinct (image, hint) pairs; the 30 error rows again, one by one
+
+
+def test_images_carried_in_the_manifest_are_probed_once_per_content(tmp_path: Path, sim, make_job,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hugging Face image structs repeating the same bytes cost one header read per distinct image."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    def jpeg(size: tuple[int, int]) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", size, (10, 20, 30)).save(out, "JPEG")
+        return out.getvalue()
+
+    images = [jpeg((64, 48)), jpeg((300, 200))]
+    cells = [{"bytes": images[i % 2], "path": f"p{i % 2}.jpg"} for i in range(20)]
+    table = pa.table({"id": [f"r{i}" for i in range(20)],
+                      "image": pa.array(cells, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))})
+    pq.write_table(table, tmp_path / "m.parquet")
+    probed: list[str] = []
+
+    def counting_probe(ref, resize=None):  # type: ignore[no-untyped-def]
+        probed.append(ref.value)
+        return probe_image(ref, resize)
+
+    monkeypatch.setattr(estimate_module, "probe_image", counting_probe)
+    result = estimate_job(make_job(tmp_path / "m.parquet"))
+    assert sorted(probed) == ["p0.jpg", "p1.jpg"]
+    assert (result.rows_to_send, result.images) == (20, 20)
+    assert result.prompt_tokens_total < 20 * result.prompt_tokens_max  # the two sizes really count differently
+
+
 def test_url_images_count_at_the_per_image_maximum(tmp_path: Path, sim, make_job) -> None:
     """An http(s) image is not fetched; it counts as the whole pixel budget, under the job's max_pixels too."""
     rows = [{"id": "u", "image": "https://example.com/photo.jpg"}]

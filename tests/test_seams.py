@@ -43,6 +43,9 @@ def test_reader_failure_mid_run_stops_fast_commits_and_resumes(tmp_path: Path, s
         batches = real(manifest_, limit, columns, batch_rows=5) if "batch_rows" in real.__code__.co_varnames \
             else iter([b.slice(0, 5) for b in real(manifest_, limit, columns)])
         yield next(batches)
+        deadline = time.monotonic() + 5  # fail mid-run: once the first batch's rows are sent (images are
+        while len(sim.requests) < 5 and time.monotonic() < deadline:  # prepared in threads, so not at once)
+            time.sleep(0.01)
         raise OSError(errno.EIO, "Input/output error", str(manifest))
 
     monkeypatch.setattr(runner_module, "limited_batches", failing)

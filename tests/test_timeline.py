@@ -11,6 +11,7 @@ from qwenvl_batch.timeline import (
     bucket_width_s,
     buckets,
     cumulative,
+    cumulative_points,
     downsample,
     epoch_s,
     eta_s,
@@ -152,3 +153,18 @@ def test_downsample_keeps_ends_and_bounds_points() -> None:
     xs, ys = downsample(x, x * 2)
     assert len(xs) <= 400 and xs[0] == 0 and xs[-1] == 999_999 and ys[-1] == 1_999_998
     assert downsample(x[:10], x[:10])[0].size == 10
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_cumulative_points_equal_the_downsampled_cumulative_line(ordered: bool) -> None:
+    """The lean cumulative line (no full-length sorted copies) has exactly the points of cumulative + downsample,
+    for times in order and out of order (ties included), with and without values (NaN counting as 0)."""
+    rng = np.random.default_rng(7)
+    times = rng.uniform(0, 1e5, 20_000).round()
+    times = np.sort(times) if ordered else times
+    values = rng.uniform(0, 1, 20_000)
+    values[::9] = np.nan
+    for given in (values, None):
+        xs, ys = downsample(*cumulative(times, given))
+        lean_xs, lean_ys = cumulative_points(times, given)
+        assert np.array_equal(xs, lean_xs) and np.array_equal(ys, lean_ys)

@@ -15,7 +15,7 @@ One module per job, in the order an image goes through them:
 The names the rest of the package uses are re-exported here (``from qwenvl_batch.media import ...``).
 """
 
-from .prepare import ImageInfo, PreparedImage, prepare_image, probe_image
+from .prepare import Base64URL, ImageInfo, PreparedImage, prepare_image, probe_image
 from .redact import redact_cell, redact_data_url, redacted_columns, stored_schema
 from .refs import ImageRef, RefKind, image_ref, parse_image_cell
 from .rules import MAX_ASPECT_RATIO, MAX_DATA_URL_CHARS, MIN_SIDE_PX, SIDES_4K, SIDES_8K, too_many_images
@@ -28,6 +28,7 @@ __all__ = [
     "MIN_SIDE_PX",
     "SIDES_4K",
     "SIDES_8K",
+    "Base64URL",
     "DataUrl",
     "ImageInfo",
     "ImageRef",
