@@ -107,11 +107,11 @@ def test_retry_after_on_one_worker_pauses_all(cluster: str, tmp_path: Path) -> N
     """A 429 storm with Retry-After on one shard's rows holds the other shard's requests too."""
     from qwenvl_batch.ray import run_job_on_ray
 
-    with SimulatorThread(SimulatorConfig(retry_after_s=1.0, latency_s=0.02)) as sim:
+    with SimulatorThread(SimulatorConfig(retry_after_s=2.0, latency_s=0.02)) as sim:
         rows = image_rows(tmp_path, 120)
         limits = {"concurrency": 4, "requests_per_minute": 2400}
         shard = _shards(job_file(tmp_path, sim.base_url, rows=rows, limits=limits), 2)
-        storm = [i for i in range(40, 120) if shard[i] == 0][:3]  # both workers are sending by then
+        storm = [i for i in range(10, 120) if shard[i] == 0][:3]  # both workers send by then, and long after
         for i, row in enumerate(rows):
             row["note"] = "[[sim:429:1]]" if i in storm else "calm"
         path = job_file(tmp_path, sim.base_url, rows=rows, limits=limits, prompt="Describe row {id}. {note}")
@@ -121,39 +121,36 @@ def test_retry_after_on_one_worker_pauses_all(cluster: str, tmp_path: Path) -> N
     first_429 = min(r["t"] for r in requests if r["status"] == 429)
     calm_ids = {rows[i]["id"] for i in range(120) if shard[i] == 1}
     calm = [r["t"] for r in requests if r["text"].split("row ", 1)[1].split(".", 1)[0] in calm_ids]
-    assert not [t for t in calm if first_429 + 0.3 < t < first_429 + 0.9]  # the other worker waited too
-    assert any(t > first_429 + 0.9 for t in calm)  # and carried on afterwards
+    assert not [t for t in calm if first_429 + 0.6 < t < first_429 + 1.8]  # the other worker waited too
+    assert any(t > first_429 + 1.8 for t in calm)  # and carried on afterwards
 
 
-def test_429_on_one_worker_cuts_the_shared_rate(cluster: str) -> None:
-    """A 429 (no Retry-After) reported by one worker lowers the rate the limiter grants every worker."""
+def test_429_on_one_worker_reaches_the_limiter_of_all(cluster: str) -> None:
+    """A 429 reported by one worker is counted by the shared controller at once, and its Retry-After holds the
+    next permit of another worker."""
     from qwenvl_batch.ray.limiter import LimiterActor, RemoteLimiter
 
-    actor = LimiterActor.remote(None, None)  # no configured limit: slow start from 8 requests/s
+    actor = LimiterActor.remote(6000, None)
 
     @ray.remote(num_cpus=0)
-    def two_workers(actor: Any) -> tuple[float | None, float | None]:
+    def two_workers(actor: Any) -> tuple[int, float]:
         first, second = RemoteLimiter(actor, workers=2), RemoteLimiter(actor, workers=2)
 
-        async def send(limiter: RemoteLimiter) -> None:
-            await limiter.acquire(100)
-            limiter.settle(100, 100)
-
-        async def main() -> tuple[float | None, float | None]:
-            deadline = time.monotonic() + 1.5
-            while time.monotonic() < deadline:  # both ramp up together
-                await asyncio.gather(*(send(limiter) for limiter in (first, second) for _ in range(8)))
-            before = (await actor.stats.remote())["requests_per_s"]
-            first.on_throttle(None, code="limit_requests")  # one worker's 429
+        async def main() -> tuple[int, float]:
+            await asyncio.gather(first.acquire(100), second.acquire(100))
+            first.on_throttle(None, code="limit_requests")  # one worker's 429, no Retry-After
+            await first.flush()
+            throttled = (await actor.stats.remote())["throttled"]
+            first.on_throttle(1.0, code="limit_requests")  # and one with Retry-After: 1
+            await first.flush()
             second._permits.clear()
-            await second.acquire(100)
-            return before, second._rate  # the rate the other worker is granted now
+            return throttled, await second.acquire(100)  # the other worker's wait for its next permit
 
         return asyncio.run(main())
 
-    before, after = ray.get(two_workers.remote(actor))
-    assert before is not None and after is not None
-    assert after < before * 0.9
+    throttled, waited = ray.get(two_workers.remote(actor))
+    assert throttled == 1
+    assert waited >= 0.8
 
 
 def test_kill_driver_then_rerun_pays_no_committed_row_twice(cluster: str, tmp_path: Path) -> None:

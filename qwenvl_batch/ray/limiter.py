@@ -12,7 +12,7 @@ from a local queue of booked start times; when it runs dry one call books the ne
 about ``BOOK_AHEAD_S`` of this worker's share of the rate (1 at 20 requests/s, up to ``MAX_BATCH`` at thousands),
 so the actor handles a few calls per second per worker whatever the request rate, and a rate change reaches
 every worker within ``BOOK_AHEAD_S``. Events (accepted, refused, token corrections) ride along with the next
-call; a 429 is sent at once and drops this worker's booked slots.
+call; a 429 is sent at once and drops this worker's booked slots (its next call waits until the actor has it).
 
 Clocks: the actor and the workers may be on different hosts, so only durations cross the wire (a slot is "in
 0.03 s", a refused request "started 0.4 s ago").
@@ -136,6 +136,7 @@ class RemoteLimiter(Limiter):
         self._events: list[tuple[Any, ...]] = []
         self._fetching: asyncio.Lock | None = None
         self._rate: float | None = None
+        self._reported: list[Any] = []  # 429 reports sent: an async actor may run calls out of order
         self.calls = 0
 
     def _batch_size(self) -> int:
@@ -144,6 +145,7 @@ class RemoteLimiter(Limiter):
         return max(1, min(MAX_BATCH, math.floor(self._rate * BOOK_AHEAD_S / self.workers)))
 
     async def _fetch(self, estimated_tokens: float) -> None:
+        await self._await_reports()  # this worker's 429s are applied before it books again
         events, self._events = self._events, []
         grant: Grant = await self.actor.acquire.remote(self._batch_size(), float(estimated_tokens), events)
         self.calls += 1
@@ -198,10 +200,16 @@ class RemoteLimiter(Limiter):
         self._permits.clear()
         events, self._events = self._events, []
         events.append(("refused", retry_after_s, code, float(tokens), max(0.0, now - started_at)))
-        self.actor.report.remote(events)  # fire and forget: the next acquire's call is ordered after it
+        self._reported.append(self.actor.report.remote(events))  # not awaited here: the next call waits for it
+
+    async def _await_reports(self) -> None:
+        reported, self._reported = self._reported, []
+        for ref in reported:
+            await ref
 
     async def flush(self) -> None:
         """Send the events still held (at the end of a run, so the actor's view is complete)."""
+        await self._await_reports()
         if self._events:
             events, self._events = self._events, []
             await self.actor.report.remote(events)
