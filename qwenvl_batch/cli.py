@@ -112,6 +112,12 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
     )
     run.add_argument("job", help="job file (TOML), e.g. jobs/caption.toml")
     _add_overrides(run, list(_OVERRIDE_FLAGS))
+    # issue 15: on a Ray cluster (pip install "qwenvl-batch[ray]"; README "Beyond one machine: Ray")
+    run.add_argument("--ray", action="store_true", help="run the job in shards on a Ray cluster (one rate limit, "
+                                                        "same per-row resume); needs the [ray] extra")
+    run.add_argument("--ray-address", metavar="ADDR", help="the cluster to join (auto, ray://HOST:10001); without "
+                                                           "it a local Ray cluster is started for the run")
+    run.add_argument("--workers", type=int, default=2, metavar="N", help="shards (Ray workers) for --ray (default 2)")
     run.set_defaults(handler=_cmd_run)
 
 
@@ -191,8 +197,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if job.run.simulate:
         print("qwenvl-batch: --simulate: answers come from the built-in SIMULATOR, not the real service",
               file=sys.stderr)
+    if (args.ray_address or args.workers != 2) and not args.ray:
+        raise ConfigError("--ray-address and --workers go with --ray (run the job on a Ray cluster)")
     try:
-        summary = run_job(job)
+        summary = _run_on_ray(job, args) if args.ray else run_job(job)
     except JobError as exc:
         _print_summary(exc.summary)
         print(f"\nqwenvl-batch: stopped: {redact(str(exc))}", file=sys.stderr)  # issue 18: no secret on screen
@@ -203,6 +211,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_JOB
     _print_summary(summary)
     return EXIT_OK
+
+
+def _run_on_ray(job: Any, args: argparse.Namespace) -> Any:
+    try:
+        from .ray import run_job_on_ray
+    except ImportError as exc:
+        raise ConfigError(f"--ray: {exc}") from None
+    return run_job_on_ray(job, address=args.ray_address, workers=args.workers)
 
 
 def _print_summary(summary: object | None) -> None:

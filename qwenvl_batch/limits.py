@@ -212,6 +212,10 @@ class SpendMeter:
         self.committed = committed  # spend already in the output (earlier runs) plus this run's answers
         self.in_flight = 0.0
 
+    async def ready(self, worst_case: float) -> None:
+        """Called before ``reserve``: a meter shared by a cluster (qwenvl_batch.ray) fetches its share of the cap
+        here; a local meter has the whole cap already."""
+
     def reserve(self, worst_case: float) -> bool:
         """Book ``worst_case`` for one attempt; False if that could break the cap (nothing is booked then)."""
         if self.cap is not None and self.committed + self.in_flight + worst_case > self.cap + 1e-12:

@@ -180,8 +180,7 @@ class JobRun:
         self._stop_event = asyncio.Event()
         loop = asyncio.get_running_loop()
         client = ChatClient(self.job, api_key=self.job.api_key(), base_url=self.base_url)
-        limiter = Limiter(requests_per_minute=self.job.limits.requests_per_minute,
-                          tokens_per_minute=self.job.limits.tokens_per_minute)
+        limiter = self.new_limiter()
 
         def on_writer_error(exc: BaseException) -> None:  # called from the writer's thread
             loop.call_soon_threadsafe(self._writer_failed, writer)
@@ -220,6 +219,11 @@ class JobRun:
                 self._stop_event.set()
                 self.counters.ok -= writer.lost.get("ok", 0)  # the summary counts stored rows only
                 self.counters.errors -= sum(n for status, n in writer.lost.items() if status != "ok")
+
+    def new_limiter(self) -> Limiter:
+        """This run's admission control; a sharded run (qwenvl_batch.ray) returns one that a cluster shares."""
+        return Limiter(requests_per_minute=self.job.limits.requests_per_minute,
+                       tokens_per_minute=self.job.limits.tokens_per_minute)
 
     def _writer_failed(self, writer: ResultWriter) -> None:
         self.stop(writer.failure())

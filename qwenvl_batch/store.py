@@ -103,6 +103,7 @@ FOLD_BYTES = 128 * 1024 * 1024  # also fold a journal segment this big (one-row 
 SCHEMA_VERSION = 2  # 1: state inside the folder (_job.json, _journal/); 2: state folder beside it
 FOLD_EVERY_S = 60.0  # fold the journal at least this often while results arrive (rows visible to every reader)
 PART_META_KEY = b"qwenvl_batch"
+SHARDS_DIR = "shards"  # state/shards/K/: one writer per shard of a sharded run (qwenvl_batch.ray)
 _PART = re.compile(r"^part-(\d{6,})\.parquet$")
 _SEGMENT = re.compile(r"^seg-(\d{6,})\.arrows$")
 
@@ -316,9 +317,11 @@ class OutputStore:
         return sorted((int(m.group(1)), p) for p in self.path.glob("part-*.parquet") if (m := _PART.match(p.name)))
 
     def segments(self) -> list[tuple[int, Path]]:
-        if not self.journal_dir.exists():
-            return []
-        found = ((int(m.group(1)), p) for p in self.journal_dir.glob("seg-*.arrows") if (m := _SEGMENT.match(p.name)))
+        """Journal segments, oldest first: this run's journal and the per-shard journals of a sharded run
+        (``state/shards/K/journal``, qwenvl_batch.ray), so every reader and recovery sees them all."""
+        folders = [self.journal_dir, *sorted((self.state_dir / SHARDS_DIR).glob("*/journal"))]
+        found = ((int(m.group(1)), p) for folder in folders if folder.exists()
+                 for p in folder.glob("seg-*.arrows") if (m := _SEGMENT.match(p.name)))
         return sorted(found)
 
     def next_seq(self) -> int:
@@ -528,7 +531,7 @@ class OutputStore:
             quarantine(self.state_dir, segment, f"journal segment {reader.damage}")
         else:
             segment.unlink()
-        _fsync_dir(self.journal_dir)
+        _fsync_dir(segment.parent)
 
     def _write_part(self, batches: Iterable[pa.RecordBatch], seq: int, *, replace: bool = False,
                     folder: Path | None = None) -> Path | None:

@@ -224,6 +224,7 @@ class RowWorker:
 
         A server that reports no usage gets the runner's estimate (marked as such), and the spend cap counts
         the worst case for it, never zero."""
+        await self.run.spend.ready(worst_cost)  # a cluster-wide cap (qwenvl_batch.ray) fetches its share first
         self._reserve_spend(worst_cost)
         actual_cost = 0.0
         try:
