@@ -44,7 +44,7 @@ from .pricing import PriceTable
 from .progress import Counters, Progress
 from .prompt import PromptTokens, fingerprint_hex
 from .results import ResultRows
-from .store import ResultWriter, WriterFailed
+from .store import OutputStore, ResultWriter, ResumeIndex, WriterFailed
 from .structured import RepairTally
 from .worker import Item, RowWorker
 
@@ -165,8 +165,7 @@ class JobRun:
             committed = committed_spend(index.committed_costs, self.price.currency if self.price else None,
                                         output=self.job.output.path, capped=self.job.limits.max_cost is not None)
             self.store.create()
-            if len(index.recent) >= REINDEX_ROWS:  # rebuilt, or many rows since: persist it now, not only at the end
-                self.store.save_resume_index(index, stamp=plan.stamp if plan.changed == 0 else None)
+            index_planned(self.store, index, plan)
             del index  # at 10^7 rows ~100 MB of mapped index: not needed while sending
             release_unused_memory()
             self.spend = SpendMeter(self.job.limits.max_cost, committed)
@@ -229,13 +228,7 @@ class JobRun:
         self.stop(writer.failure())
 
     def _finish(self, plan: Plan, started: float) -> RunSummary:
-        # the persisted index vouches for fingerprints only when every row in it was checked or sent with them
-        complete = self._stop_reason is None and plan.to_do == self.counters.done
-        stamp = plan.stamp if plan.changed == 0 or complete else None
-        if self._stop_reason is None:
-            self.store.finalize(stamp=stamp)
-        elif not isinstance(self._stop_reason, WriterFailed):  # stopped: keep the next start fast all the same
-            self.store.save_resume_index(stamp=stamp)
+        close_output(self.store, plan, stopped=self._stop_reason, done=self.counters.done)
         summary = self._summary(plan, started)
         if self._stop_reason is not None:
             if isinstance(self._stop_reason, JobError):
@@ -410,6 +403,26 @@ def stop_signals(handler: Callable[[int], None]) -> Iterator[None]:
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
+
+
+def index_planned(store: OutputStore, index: ResumeIndex, plan: Plan) -> None:
+    """After planning: persist an index that had to be rebuilt (or that many rows were added to) at once, not
+    only at the end, so a run killed while sending does not pay the rebuild again on its next start."""
+    if len(index.recent) >= REINDEX_ROWS:
+        store.save_resume_index(index, stamp=plan.stamp if plan.changed == 0 else None)
+
+
+def close_output(store: OutputStore, plan: Plan, *, stopped: BaseException | None, done: int) -> None:
+    """The end of a run (one process, or a sharded run's driver): compact and index a finished output; index a
+    stopped one all the same, so the next start is fast (not after a failed disk write: nothing more is written).
+
+    The persisted index vouches for fingerprints only when every row in it was checked or sent with them."""
+    complete = stopped is None and plan.to_do == done
+    stamp = plan.stamp if plan.changed == 0 or complete else None
+    if stopped is None:
+        store.finalize(stamp=stamp)
+    elif not isinstance(stopped, WriterFailed):
+        store.save_resume_index(stamp=stamp)
 
 
 def release_unused_memory() -> None:

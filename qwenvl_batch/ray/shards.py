@@ -51,7 +51,7 @@ from qwenvl_batch.progress import Counters, Progress
 from qwenvl_batch.ray.limiter import NAMESPACE, RemoteLimiter, shared_limiter
 from qwenvl_batch.ray.progress import ShardCounters, merge_counters
 from qwenvl_batch.ray.spend import LeasedSpend, SpendLedger
-from qwenvl_batch.runner import JobRun, RunSummary, _identity
+from qwenvl_batch.runner import JobRun, RunSummary, _identity, close_output, index_planned, release_unused_memory
 from qwenvl_batch.store import SHARDS_DIR, OutputInUse, OutputStore, state_dir_for
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,11 @@ class ShardStore(OutputStore):
         self.journal_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
 
-    def finalize(self, *, target_rows: int = 0) -> None:
+    def finalize(self, *, target_rows: int = 0, stamp: str | None = None) -> None:
         """Compaction is the driver's, once every shard is done."""
+
+    def save_resume_index(self, index: Any = None, *, stamp: str | None = None, clean: bool | None = None) -> None:
+        """So is the persisted resume index (it covers every shard's parts; OUT.state/resume-index.bin)."""
 
 
 @dataclass
@@ -262,13 +265,15 @@ def run_job_on_ray(job: JobConfig, *, address: str | None = None, workers: int =
         committed = committed_spend(index.committed_costs, setup.price.currency if setup.price else None,
                                     output=job.output.path, capped=job.limits.max_cost is not None)
         store.create()
+        index_planned(store, index, plan)
+        del index  # the shards send; the driver needs none of it until the end
+        release_unused_memory()
         driver = _Driver(job, as_given, setup, plan, committed, workers, started)
         if plan.to_do:
             with _simulated(job, base_url) as url, _connected(address, workers):
                 _run_shards(driver, url, identity)
         store.recover()  # a worker that died left its journal: fold it before compacting
-        if driver.stop is None:
-            store.finalize()
+        close_output(store, plan, stopped=driver.stop, done=driver.counters.done)
         summary = _summary(driver)
         if driver.stop is not None:
             driver.stop.summary = summary
