@@ -65,7 +65,7 @@ FIXTURE_VERSION = 1  # bump when the fixture's shape changes: a cached one of an
 # (label, "module:function"): one line per figure; other modules plug theirs in here
 SCALE_FIGURES: list[tuple[str, str]] = [
     ("resume", "scale:fig_resume"),
-    ("read", "scale_read:figures"),  # estimate / report / status at 10^7 (another module)
+    ("read", "scale:fig_read"),  # estimate / report / status at 10^7 (benchmarks/scale_read.py)
     ("million", "scale:fig_million"),
 ]
 
@@ -240,6 +240,22 @@ def fig_million(ctx: ScaleContext) -> None:
                    f"{r['stall_worst_sending_s'] * 1000:,.0f} ms; {r['stalls_over_50ms_sending']} over 50 ms, by cause "
                    f"{r['stalls_over_50ms_sending_by_cause']}; {r['full_gcs']} full collections, longest "
                    f"{r['full_gc_worst_s'] * 1000:,.0f} ms; folds while sending {r['folds_while_sending']})")
+
+
+# ---------------------------------------------------------------------------------------------- read commands
+
+
+def fig_read(ctx: ScaleContext) -> None:
+    """Figure 10: status, report, report --html and estimate on the fixture (benchmarks/scale_read.py measures;
+    this hands it the fixture and a job file with the settings the fixture's fingerprints were made with)."""
+    import scale_read
+
+    fx = ctx.fixture
+    output = fx.clone_done("read")
+    job = fx.root / "runs" / "read-job.toml"
+    job.write_text(scale_read._toml(fx.job(output)), encoding="utf-8")
+    for measure, value, target, passed in scale_read.figures(ctx.workdir, fx.manifest, output, job):
+        ctx.report.add("10", measure, value, target, passed)
 
 
 # ---------------------------------------------------------------------------------------------- entry points
