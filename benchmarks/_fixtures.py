@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from pyarrow import ipc
 
 from qwenvl_batch import job_from_dict
 from qwenvl_batch.config import JobConfig
@@ -172,3 +173,29 @@ def output_layout(folder: Path) -> tuple[int, int, int]:
 
 def make_job(raw: dict[str, Any], base_dir: Path) -> JobConfig:
     return job_from_dict(raw, base_dir=base_dir)
+
+
+def add_error_segment(output: Path, ids: list[str], images: list[str], finished_at: np.ndarray) -> None:
+    """A journal segment (not folded: a running job's) of error rows for ``ids``, finished at ``finished_at``
+    (datetime64[us]), in the output's own schema: the status screen and the report list the newest with their
+    messages, so the read benchmarks need some."""
+    from qwenvl_batch.store import _read_part_schema, open_for_reading
+
+    store = open_for_reading(output)
+    schema = _read_part_schema(store.parts()[-1][1]).remove_metadata()
+    count = len(ids)
+    columns = {name: pa.nulls(count, schema.field(name).type) for name in schema.names}
+    columns.update({
+        "id": pa.array(ids), "image": pa.array(images),
+        "status": pa.array(["error"] * count), "error_type": pa.array(["server"] * count),
+        "error_code": pa.array(["503"] * count),
+        "error_message": pa.array([f"HTTP 503 Service Unavailable for row {i}" for i in ids]),
+        "attempts": pa.array(np.full(count, 6, np.int32)),
+        "finished_at": pa.array(finished_at, pa.timestamp("us", tz="UTC")),
+        "simulated": pa.array([False] * count),
+    })
+    table = pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+    store.journal_dir.mkdir(parents=True, exist_ok=True)
+    segment = store.journal_dir / f"seg-{store.next_seq():06d}.arrows"
+    with pa.OSFile(str(segment), "wb") as sink, ipc.new_stream(sink, schema) as stream:
+        stream.write_table(table)

@@ -174,35 +174,15 @@ def build_fixtures(work: Path, rows: int) -> tuple[Path, Path, Path]:
 
 
 def _add_errors(output: Path, first: int, count: int) -> None:
-    """A journal segment of ``count`` error rows (ids ``first``...) finished just after the ok rows (which
-    ``build_done_output`` dates from 2024-01-01 on), as a job that is still running has (the status screen lists
-    the newest with their messages)."""
+    """``count`` error rows (ids ``first``...) finished just after the ok rows (which ``build_done_output`` dates
+    from 2024-01-01 on), as a job that is still running has."""
     import numpy as np
-    import pyarrow as pa
-    from pyarrow import ipc
+    from _fixtures import add_error_segment
 
-    from qwenvl_batch.store import _read_part_schema, open_for_reading
-
-    store = open_for_reading(output)
-    schema = _read_part_schema(store.parts()[-1][1]).remove_metadata()
     ids = [f"r{i:08d}" for i in range(first, first + count)]
     after = np.datetime64("2024-01-01T00:05:00", "us")
-    columns = {name: pa.nulls(count, schema.field(name).type) for name in schema.names}
-    columns.update({
-        "id": pa.array(ids), "image": pa.array([f"img/img{i % IMAGES:04d}.jpg" for i in range(first, first + count)]),
-        "status": pa.array(["error"] * count), "error_type": pa.array(["server"] * count),
-        "error_code": pa.array(["503"] * count),
-        "error_message": pa.array([f"HTTP 503 Service Unavailable for row {i}" for i in ids]),
-        "attempts": pa.array(np.full(count, 6, np.int32)),
-        "finished_at": pa.array(after + np.arange(count).astype("timedelta64[ms]") * 60,
-                                pa.timestamp("us", tz="UTC")),
-        "simulated": pa.array([False] * count),
-    })
-    table = pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
-    store.journal_dir.mkdir(parents=True, exist_ok=True)
-    segment = store.journal_dir / f"seg-{store.next_seq():06d}.arrows"
-    with pa.OSFile(str(segment), "wb") as sink, ipc.new_stream(sink, schema) as stream:
-        stream.write_table(table)
+    add_error_segment(output, ids, [f"img/img{i % IMAGES:04d}.jpg" for i in range(first, first + count)],
+                      after + np.arange(count).astype("timedelta64[ms]") * 60)
 
 
 def main() -> int:

@@ -29,13 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-from pyarrow import ipc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import synthetic_images, synthetic_manifest
-from _fixtures import build_done_output, job_dict, make_job
+from _fixtures import add_error_segment, build_done_output, job_dict, make_job
 
 from qwenvl_batch.status import manifest_rows, read_status
 from qwenvl_batch.store import open_for_reading
@@ -49,29 +47,10 @@ def _write_job(path: Path, manifest: Path, output: Path) -> Path:
 
 def _add_recent_errors(output: Path, manifest: Path, first: int, count: int) -> None:
     """A journal segment of ``count`` error rows finished over the last minutes (not folded: a running job's)."""
-    store = open_for_reading(output)
-    parts = store.parts()
-    from qwenvl_batch.store import _read_part_schema
-
-    schema = _read_part_schema(parts[-1][1]).remove_metadata()
-    ids = pd.read_parquet(manifest).iloc[first: first + count]
+    rows = pd.read_parquet(manifest).iloc[first: first + count]
     now = np.datetime64(int(time.time() * 1e6), "us")
-    columns = {name: pa.nulls(count, schema.field(name).type) for name in schema.names}
-    columns.update({
-        "id": pa.array(ids["id"].to_numpy()), "image": pa.array(ids["image"].to_numpy()),
-        "status": pa.array(["error"] * count),
-        "error_type": pa.array(["server"] * count), "error_code": pa.array(["503"] * count),
-        "error_message": pa.array([f"HTTP 503 Service Unavailable for row {i}" for i in ids["id"]]),
-        "attempts": pa.array(np.full(count, 6, np.int32)),
-        "finished_at": pa.array(now - np.arange(count)[::-1].astype("timedelta64[ms]") * 60,
-                                pa.timestamp("us", tz="UTC")),
-        "simulated": pa.array([False] * count),
-    })
-    table = pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
-    store.journal_dir.mkdir(parents=True, exist_ok=True)
-    segment = store.journal_dir / f"seg-{store.next_seq():06d}.arrows"
-    with pa.OSFile(str(segment), "wb") as sink, ipc.new_stream(sink, schema) as stream:
-        stream.write_table(table)
+    add_error_segment(output, list(rows["id"]), list(rows["image"]),
+                      now - np.arange(count)[::-1].astype("timedelta64[ms]") * 60)
 
 
 def _children_cpu_s() -> float:

@@ -6,33 +6,21 @@ process: rows done, ok / error / retries, tokens, spend and projected spend, row
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from qwenvl_batch.progress import Counters
 
 
-@dataclass(frozen=True)
-class ShardCounters:
-    """A snapshot of one shard's ``Counters`` (small and picklable: it crosses the cluster once a second)."""
-
-    ok: int = 0
-    errors: int = 0
-    retries: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost: float = 0.0
-    retry_reasons: dict[str, int] = field(default_factory=dict)
-    error_types: dict[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, counters: Counters) -> ShardCounters:
-        return cls(counters.ok, counters.errors, counters.retries, counters.prompt_tokens,
-                   counters.completion_tokens, counters.cost, dict(counters.retry_reasons),
-                   dict(counters.error_types))
+def copy_counters(counters: Counters | None = None) -> Counters:
+    """A copy of one shard's ``Counters`` (its own dicts), to send across the cluster once a second."""
+    if counters is None:
+        return Counters()
+    return dataclasses.replace(counters, retry_reasons=dict(counters.retry_reasons),
+                               error_types=dict(counters.error_types))
 
 
-def merge_counters(into: Counters, shards: Iterable[ShardCounters]) -> None:
+def merge_counters(into: Counters, shards: Iterable[Counters]) -> None:
     """Set ``into``'s live totals to the sum of the shards' (its run-level fields, to_do and prior_cost, stay)."""
     into.ok = into.errors = into.retries = into.prompt_tokens = into.completion_tokens = 0
     into.cost = 0.0

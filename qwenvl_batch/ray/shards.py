@@ -49,7 +49,7 @@ from qwenvl_batch.planning import JobSetup, Plan, open_job, plan_rows
 from qwenvl_batch.pricing import PriceTable
 from qwenvl_batch.progress import Counters, Progress
 from qwenvl_batch.ray.limiter import NAMESPACE, RemoteLimiter, shared_limiter
-from qwenvl_batch.ray.progress import ShardCounters, merge_counters
+from qwenvl_batch.ray.progress import copy_counters, merge_counters
 from qwenvl_batch.ray.spend import LeasedSpend, SpendLedger
 from qwenvl_batch.runner import JobRun, RunSummary, _identity, close_output, index_planned, release_unused_memory
 from qwenvl_batch.store import SHARDS_DIR, OutputInUse, OutputStore, state_dir_for
@@ -116,7 +116,7 @@ class ShardOutcome:
     """What a shard reports back: its counters and, if it stopped, why (rebuilt as the right error)."""
 
     shard: int
-    counters: ShardCounters
+    counters: Counters
     stop_kind: str | None = None  # "interrupted", "spend_cap", "job"
     stop_message: str | None = None
     stop_code: str | None = None
@@ -176,7 +176,7 @@ class ShardRun(JobRun):
         return self._outcome(stop)
 
     def _outcome(self, stop: BaseException | None) -> ShardOutcome:
-        outcome = ShardOutcome(self.shard, ShardCounters.of(self.counters),
+        outcome = ShardOutcome(self.shard, copy_counters(self.counters),
                                usage_estimated=self.usage_estimated_rows, warnings=dict(self.warning_counts))
         if stop is not None:
             outcome.stop_message = str(stop)
@@ -214,8 +214,8 @@ class _ShardWorker:
         else:
             self.run_.stop(JobError(message))
 
-    async def snapshot(self) -> ShardCounters:
-        return ShardCounters.of(self.run_.counters) if self.run_ is not None else ShardCounters()
+    async def snapshot(self) -> Counters:
+        return copy_counters(self.run_.counters if self.run_ is not None else None)
 
 
 ShardWorker: Any = ray.remote(num_cpus=1)(_ShardWorker)  # typed Any: Ray's decorator hides the class
@@ -359,7 +359,7 @@ def _wait_started(actors: dict[int, Any]) -> None:
 
 
 def _watch(driver: _Driver, actors: dict[int, Any], running: dict[Any, int], progress: Progress) -> None:
-    snapshots: dict[int, ShardCounters] = {}
+    snapshots: dict[int, Counters] = {}
     last_done = 0
     while running:
         done, _ = ray.wait(list(running), num_returns=len(running), timeout=POLL_S, fetch_local=True)
@@ -391,14 +391,14 @@ def _outcome_of(ref: Any, shard: int) -> ShardOutcome:
     except RayError as exc:
         cause = getattr(exc, "cause", None) or exc  # a task error carries the worker's exception (no traceback)
         if isinstance(cause, (ConfigError, JobError)):
-            return ShardOutcome(shard, ShardCounters(), stop_kind="job", stop_message=str(cause))
+            return ShardOutcome(shard, Counters(), stop_kind="job", stop_message=str(cause))
         message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-        return ShardOutcome(shard, ShardCounters(), stop_kind="job",
+        return ShardOutcome(shard, Counters(), stop_kind="job",
                             stop_message=f"Ray worker for shard {shard} failed ({type(cause).__name__}: {message}); "
                                          "its committed results are kept, run again to continue")
 
 
-def _snapshots(actors: dict[int, Any], running: dict[Any, int]) -> dict[int, ShardCounters]:
+def _snapshots(actors: dict[int, Any], running: dict[Any, int]) -> dict[int, Counters]:
     """The live counters of the shards still running (a worker too busy to answer keeps its last ones)."""
     live = {k: actors[k].snapshot.remote() for k in running.values()}
     try:
