@@ -714,6 +714,7 @@ class OutputStore:
                 compaction.compact(self, rewrite, {seq: keep[seq] if seq in keep else np.ones(sizes[seq], bool)
                                                    for seq in rewrite}, target_rows)
         self.save_resume_index(index, stamp=stamp, clean=True)
+        release_arrow_memory()
 
     def _kept_rows(self, parts: list[tuple[int, Path]]) -> dict[int, np.ndarray]:
         """Per part, which rows no later row with the same id replaces (every part's ids are read)."""
@@ -725,6 +726,13 @@ class OutputStore:
         all_seqs = np.concatenate(seqs)
         superseded = _superseded(np.concatenate(hashes))
         return {seq: ~superseded[all_seqs == seq] for seq, _ in parts}
+
+
+def release_arrow_memory() -> None:
+    """Hand the pages Arrow's pool freed back to the OS. Its default allocator (mimalloc) keeps them: each fold and
+    the final compaction left ~1.3 KB per row folded resident for the rest of the run, so a 10^6-row run's RSS
+    grew by hundreds of MB while Arrow itself held ~5 MB (measured: /proc VmRSS vs pa.total_allocated_bytes)."""
+    pa.default_memory_pool().release_unused()
 
 
 def _covered(summaries: list[PartSummary], parts: list[tuple[int, Path]]) -> int | None:
@@ -1021,6 +1029,7 @@ class ResultWriter:
         self._dirty = False
         segment = self.store.journal_dir / f"seg-{self._seq:06d}.arrows"
         self.store._fold_segment(self._seq, segment)
+        release_arrow_memory()
 
 
 def load_results(path: str | Path, *, documents: bool = False) -> pd.DataFrame:
