@@ -32,6 +32,17 @@ Clock = Callable[[], float]
 # so a refusal is attributed to the right congestion event. Each worker is its own task, so this is per request.
 _STARTED: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("qwenvl_started", default=None)
 
+def mark_started(now: float, estimated_tokens: float) -> None:
+    """Record when (and at what estimated token cost) the current task's request started."""
+    _STARTED.set((now, float(estimated_tokens)))
+
+
+def started_request(now: float) -> tuple[float, float]:
+    """(when the current task's request started, its estimated tokens); (now, 0) if none was recorded."""
+    started = _STARTED.get()
+    return started if started is not None else (now, 0.0)
+
+
 class RateMeter:
     """Admits ``rate_per_s`` units per second on average, evenly spaced, with ``burst_s`` seconds of credit."""
 
@@ -116,7 +127,7 @@ class Limiter:
         """The request is about to go out: the controller counts it (goodput is starts minus refusals)."""
         now = self._clock()
         self.controller.started(now, float(estimated_tokens))
-        _STARTED.set((now, float(estimated_tokens)))
+        mark_started(now, estimated_tokens)
 
     async def acquire(self, estimated_tokens: int) -> float:
         """Wait until one request of about ``estimated_tokens`` may start; returns the seconds waited.
@@ -143,18 +154,16 @@ class Limiter:
         if decision.error_type == "rate_limit":
             self.on_throttle(decision.retry_after_s, code=decision.code)
         elif decision.error_type in ("connection", "timeout"):
-            started = _STARTED.get()
-            self.controller.failed(self._clock(), tokens=started[1] if started else 0.0)
+            now = self._clock()
+            self.controller.failed(now, tokens=started_request(now)[1])
 
     def on_throttle(self, retry_after_s: float | None, *, code: str | None = None, tokens: float | None = None,
                     started_at: float | None = None) -> None:
         """A 429 came back: the controller cuts (or counts it), and a Retry-After holds every worker."""
         now = self._clock()
-        started = _STARTED.get()
-        if started_at is None:
-            started_at = started[0] if started else now
-        if tokens is None:
-            tokens = started[1] if started else 0.0
+        started = started_request(now)
+        started_at = started[0] if started_at is None else started_at
+        tokens = started[1] if tokens is None else tokens
         before = self.controller.admission(now)
         self.controller.refused(now, started_at=started_at, tokens=tokens, kind=refusal_kind(code),
                                 retry_after_s=retry_after_s)

@@ -21,7 +21,6 @@ Clocks: the actor and the workers may be on different hosts, so only durations c
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hashlib
 import math
 import time
@@ -33,7 +32,7 @@ from typing import Any
 import ray
 
 from qwenvl_batch.config import JobConfig
-from qwenvl_batch.limits import Limiter
+from qwenvl_batch.limits import Limiter, mark_started, started_request
 from qwenvl_batch.policy import Decision
 from qwenvl_batch.redact import split_url_credentials
 
@@ -41,9 +40,6 @@ BOOK_AHEAD_S = 0.1  # a worker books at most this much of its share of the rate 
 MAX_BATCH = 64  # permits per actor call, at most
 NAMESPACE = "qwenvl-batch"  # named actors are found per namespace: every driver of this package uses this one
 
-# (local monotonic time the current task's request started, its estimated tokens): read when its 429 comes back
-_STARTED: contextvars.ContextVar[tuple[float, float] | None] = contextvars.ContextVar("qwenvl_ray_started",
-                                                                                      default=None)
 
 
 def limiter_name(job: JobConfig, base_url: str | None = None) -> str:
@@ -168,7 +164,7 @@ class RemoteLimiter(Limiter):
         delay = when - self._clock()
         if delay > 0:
             await asyncio.sleep(delay)
-        _STARTED.set((self._clock(), float(estimated_tokens)))
+        mark_started(self._clock(), estimated_tokens)
         return self._clock() - started
 
     def settle(self, estimated_tokens: int, actual_tokens: int | None,
@@ -184,18 +180,15 @@ class RemoteLimiter(Limiter):
         if decision.error_type == "rate_limit":
             self.on_throttle(decision.retry_after_s, code=decision.code)
         elif decision.error_type in ("connection", "timeout"):
-            started = _STARTED.get()
-            self._events.append(("failed", started[1] if started else 0.0))
+            self._events.append(("failed", started_request(self._clock())[1]))
 
     def on_throttle(self, retry_after_s: float | None, *, code: str | None = None, tokens: float | None = None,
                     started_at: float | None = None) -> None:
         """A 429: sent to the actor now (every worker slows), and this worker's booked slots are given up."""
-        started = _STARTED.get()
         now = self._clock()
-        if started_at is None:
-            started_at = started[0] if started else now
-        if tokens is None:
-            tokens = started[1] if started else 0.0
+        started = started_request(now)
+        started_at = started[0] if started_at is None else started_at
+        tokens = started[1] if tokens is None else tokens
         self.throttled += 1
         self._permits.clear()
         events, self._events = self._events, []
