@@ -155,20 +155,9 @@ class JobRun:
         """Plan, dispatch, commit; the output's lock is held from before recovery until the end."""
         started = time.monotonic()
         try:
-            if self.store.exists():
-                self.store.lock()  # before recovery, which folds journals another live run may be writing
-            self.store.recover()
-            index = self.store.resume_index()
-            planned_manifest = _identity(self.manifest.path)
-            plan = plan_rows(self.job, self.manifest, self.renderer, index)
-            self._manifest_identity = planned_manifest
-            committed = committed_spend(index.committed_costs, self.price.currency if self.price else None,
-                                        output=self.job.output.path, capped=self.job.limits.max_cost is not None)
-            self.store.create()
-            index_planned(self.store, index, plan)
-            del index  # at 10^7 rows ~100 MB of mapped index: not needed while sending
-            release_unused_memory()
-            self.spend = SpendMeter(self.job.limits.max_cost, committed)
+            planned = plan_output(self.setup)
+            plan, self._manifest_identity = planned.plan, planned.manifest_identity
+            self.spend = SpendMeter(self.job.limits.max_cost, planned.committed)
             await self._execute(plan)
             return self._finish(plan, started)
         finally:
@@ -403,6 +392,37 @@ def stop_signals(handler: Callable[[int], None]) -> Iterator[None]:
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
+
+
+@dataclass
+class Planned:
+    """What plan_output decided: the plan, the spend already committed, the manifest file as planned."""
+
+    plan: Plan
+    committed: float
+    manifest_identity: tuple[int, int, int] | None
+
+
+def plan_output(setup: JobSetup, before_recovery: Callable[[OutputStore], None] | None = None) -> Planned:
+    """Lock the output, recover what a crash left, plan the rows and create the output (one process, or a sharded
+    run's driver). The lock comes before recovery, which folds journals another live run may be writing;
+    ``before_recovery`` runs under it (a sharded run waits there for the workers of a dead driver)."""
+    store, job = setup.store, setup.job
+    if store.exists():
+        store.lock()
+        if before_recovery is not None:
+            before_recovery(store)
+    store.recover()
+    index = store.resume_index()
+    identity = _identity(setup.manifest.path)
+    plan = plan_rows(job, setup.manifest, setup.renderer, index)
+    committed = committed_spend(index.committed_costs, setup.price.currency if setup.price else None,
+                                output=job.output.path, capped=job.limits.max_cost is not None)
+    store.create()
+    index_planned(store, index, plan)
+    del index  # at 10^7 rows ~100 MB of mapped index: not needed while sending
+    release_unused_memory()
+    return Planned(plan, committed, identity)
 
 
 def index_planned(store: OutputStore, index: ResumeIndex, plan: Plan) -> None:

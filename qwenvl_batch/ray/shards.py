@@ -42,16 +42,15 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError
 
 from qwenvl_batch.config import JobConfig, with_overrides
-from qwenvl_batch.currency import committed_spend
 from qwenvl_batch.errors import ConfigError, Interrupted, JobError, SpendCapReached
 from qwenvl_batch.manifest import hash_ids, id_strings, limited_batches
-from qwenvl_batch.planning import JobSetup, Plan, open_job, plan_rows
+from qwenvl_batch.planning import JobSetup, Plan, open_job
 from qwenvl_batch.pricing import PriceTable
 from qwenvl_batch.progress import Counters, Progress
 from qwenvl_batch.ray.limiter import NAMESPACE, RemoteLimiter, shared_limiter
 from qwenvl_batch.ray.progress import copy_counters, merge_counters
 from qwenvl_batch.ray.spend import LeasedSpend, SpendLedger
-from qwenvl_batch.runner import JobRun, RunSummary, _identity, close_output, index_planned, release_unused_memory
+from qwenvl_batch.runner import JobRun, RunSummary, close_output, plan_output
 from qwenvl_batch.store import SHARDS_DIR, OutputInUse, OutputStore, state_dir_for
 
 log = logging.getLogger(__name__)
@@ -255,19 +254,8 @@ def run_job_on_ray(job: JobConfig, *, address: str | None = None, workers: int =
     job = setup.job
     store = setup.store
     try:
-        if store.exists():
-            store.lock()
-            wait_for_orphans(store)
-        store.recover()  # folds the journals of shards a crash left (store lists them with its own)
-        index = store.resume_index()
-        identity = _identity(setup.manifest.path)
-        plan = plan_rows(job, setup.manifest, setup.renderer, index)
-        committed = committed_spend(index.committed_costs, setup.price.currency if setup.price else None,
-                                    output=job.output.path, capped=job.limits.max_cost is not None)
-        store.create()
-        index_planned(store, index, plan)
-        del index  # the shards send; the driver needs none of it until the end
-        release_unused_memory()
+        planned = plan_output(setup, before_recovery=wait_for_orphans)  # recovery folds every shard's journal
+        plan, committed, identity = planned.plan, planned.committed, planned.manifest_identity
         driver = _Driver(job, as_given, setup, plan, committed, workers, started)
         if plan.to_do:
             with _simulated(job, base_url) as url, _connected(address, workers):
